@@ -1,0 +1,5 @@
+"""``python -m mopeq``: the command-line interface."""
+
+from mopeq.cli import main
+
+raise SystemExit(main())

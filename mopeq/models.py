@@ -1,0 +1,175 @@
+"""Load a model and its processor: the embedded default, a local folder, or a hub id.
+
+``trust_remote_code`` is off unless the caller turns it on. Every loaded model carries a
+stable fingerprint (a sha256 of its config and weights, or of the hub revision) that keys the
+cache of expensive results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_DIR = REPO_ROOT / "assets" / "tiny-moe-vlm"
+EMBEDDED = "embedded"
+
+
+class ModelLoadError(ValueError):
+    """A model source could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for analysis, with what is needed to run and identify it."""
+
+    model: nn.Module
+    processor: Any  # a processor or tokenizer, or None
+    fingerprint: str
+    source: str
+    kind: str  # "tiny_vlm" | "causal_lm" | "vlm"
+    path: Path | None = None
+
+
+def load_model(source: str = EMBEDDED, trust_remote_code: bool = False,
+               dtype: torch.dtype = torch.float32, revision: str | None = None) -> LoadedModel:
+    """Load ``"embedded"``, a local Hugging Face folder, or a hub id.
+
+    Raises:
+        ModelLoadError: for a missing path, an unreachable hub, or a folder that is not a model.
+    """
+    source = (source or "").strip()
+    if not source:
+        raise ModelLoadError("no model given: use 'embedded', a local folder or a hub id")
+    if source == EMBEDDED:
+        if not (EMBEDDED_DIR / "config.json").exists():
+            raise ModelLoadError(f"the embedded model is missing from {EMBEDDED_DIR}; "
+                                 "recreate it with: python -m mopeq train-tiny --out "
+                                 f"{EMBEDDED_DIR}")
+        return _load_dir(EMBEDDED_DIR, EMBEDDED, trust_remote_code, dtype)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model folder")
+        return _load_dir(path, str(path), trust_remote_code, dtype)
+    if _looks_local(source):
+        raise ModelLoadError(f"no such model folder: {source}")
+    local, sha = _download(source, revision)
+    loaded = _load_dir(local, source, trust_remote_code, dtype)
+    loaded.fingerprint = _sha256(f"hub:{source}@{sha}".encode())
+    return loaded
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.count("/") != 1 or os.sep + os.sep in source
+
+
+def _download(repo_id: str, revision: str | None) -> tuple[Path, str]:
+    """Fetch a hub snapshot (config, weights, processor files) or fail fast offline."""
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise OSError("HF_HUB_OFFLINE=1")
+        info = HfApi().model_info(repo_id, revision=revision, timeout=10)
+        path = snapshot_download(repo_id, revision=info.sha,
+                                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                 "*.py", "*.tiktoken"])
+        return Path(path), str(info.sha)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not reachable"
+        raise ModelLoadError(
+            f"cannot fetch {repo_id!r} from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{str(exc)[:160]}). If this machine is offline, download the model elsewhere and "
+            f"pass its local folder instead."
+        ) from None
+
+
+def _load_dir(path: Path, source: str, trust_remote_code: bool, dtype) -> LoadedModel:
+    config = json.loads((path / "config.json").read_text())
+    model_type = config.get("model_type", "")
+    from mopeq import tiny
+
+    if model_type == tiny.MODEL_TYPE:
+        model, processor = tiny.load(path, dtype=dtype)
+        return LoadedModel(model, processor, fingerprint_dir(path), source, "tiny_vlm", path)
+    if "auto_map" in config and not trust_remote_code:
+        raise ModelLoadError(
+            f"{source} needs its own code (auto_map in config.json); pass trust_remote_code=True "
+            "(--trust-remote-code) only if you trust its authors"
+        )
+    model, kind = _auto_model(path, trust_remote_code, dtype)
+    processor = _auto_processor(path, trust_remote_code)
+    return LoadedModel(model.eval(), processor, fingerprint_dir(path), source, kind, path)
+
+
+def _auto_model(path: Path, trust_remote_code: bool, dtype) -> tuple[nn.Module, str]:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    errors = []
+    for cls, kind in ((AutoModelForCausalLM, "causal_lm"), (AutoModelForImageTextToText, "vlm")):
+        try:
+            return cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       device_map="cpu"), kind
+        except (ValueError, KeyError, OSError) as exc:
+            errors.append(f"{cls.__name__}: {str(exc)[:200]}")
+    raise ModelLoadError(f"could not load {path} as a causal LM or a VLM: " + " | ".join(errors))
+
+
+def _auto_processor(path: Path, trust_remote_code: bool):
+    from transformers import AutoProcessor, AutoTokenizer
+
+    for cls in (AutoProcessor, AutoTokenizer):
+        try:
+            return cls.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception:  # noqa: BLE001,S112 - a model without a processor is still usable
+            continue
+    return None
+
+
+# ----------------------------------------------------------------------- fingerprints
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint_dir(path: str | Path, full_hash_limit: int = 512 * 2**20) -> str:
+    """sha256 of config.json and the weight files (sampled beyond ``full_hash_limit`` bytes)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    h.update(json.dumps(json.loads((path / "config.json").read_text()), sort_keys=True).encode())
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            if size <= full_hash_limit:
+                for chunk in iter(lambda: fh.read(2**20), b""):
+                    h.update(chunk)
+            else:  # large checkpoints: head, tail and the safetensors header
+                h.update(fh.read(2**20))
+                fh.seek(-(2**20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """sha256 of a model's config and parameters (for models built in memory)."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(config.to_json_string(use_diff=False).encode())
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        t = p.detach().to("cpu").contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,416 @@
+"""The embedded default: a tiny MoE vision-language model, and its reproducible training.
+
+Layout (LLaVA style, DeepSeek-VL2's language model): a small CNN sees a 64x64 image as a 4x4
+grid of 16 tokens, an MLP projector maps them into the width of a transformers
+``DeepseekV2ForCausalLM`` (a dense first layer, then MoE layers with one shared expert and
+top-2 routed experts). Prompts put the question first, then the image tokens, then
+``<answer>``; the model answers with one word. Everything is built from configs here and saved
+in Hugging Face format (config.json, model.safetensors, tokenizer.json); no remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from mopeq import synthetic
+
+MODEL_TYPE = "mopeq_tiny_vlm"
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<image>", "<answer>", "<describe>")
+PROMPT_SUFFIX_TOKEN = "<answer>"
+
+
+class TinyVLMConfig(PretrainedConfig):
+    """Configuration of the tiny MoE VLM: vision settings plus a nested ``text_config``."""
+
+    model_type = MODEL_TYPE
+    sub_configs = {"text_config": DeepseekV2Config}
+
+    def __init__(self, text_config=None, image_size=64, grid=4, vision_width=64,
+                 image_token_id=4, num_cell_classes=(4, 6), num_words=9, **kwargs):
+        if isinstance(text_config, dict):
+            text_config = DeepseekV2Config(**text_config)
+        self.text_config = text_config if text_config is not None else DeepseekV2Config()
+        self.image_size = image_size
+        self.grid = grid
+        self.vision_width = vision_width
+        self.image_token_id = image_token_id
+        self.num_cell_classes = list(num_cell_classes)  # (shape incl. none, colour incl. none)
+        self.num_words = num_words  # word classes incl. "no word"
+        super().__init__(**kwargs)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per image (one per grid cell)."""
+        return self.grid * self.grid
+
+
+class TinyVisionEncoder(nn.Module):
+    """A small CNN: 64x64 RGB -> grid x grid feature tokens, with auxiliary scene heads.
+
+    The auxiliary heads (per-cell shape and colour, the written word) are only used in training:
+    supervising the vision tower directly is what lets vision and language meet within minutes.
+    """
+
+    def __init__(self, config: TinyVLMConfig):
+        super().__init__()
+        w = config.vision_width
+        def block(cin, cout, stride):
+            return [nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.GELU()]
+        layers = block(3, 32, 2) + block(32, w, 2) + block(w, w, 1) + block(w, 2 * w, 2)
+        steps = int(math.log2(config.image_size // config.grid)) - 3
+        for _ in range(steps):
+            layers += block(2 * w, 2 * w, 2)
+        self.convs = nn.Sequential(*layers)
+        self.pos = nn.Parameter(torch.zeros(config.num_image_tokens, 2 * w))
+        self.aux_shape = nn.Linear(2 * w, config.num_cell_classes[0])
+        self.aux_color = nn.Linear(2 * w, config.num_cell_classes[1])
+        self.aux_word = nn.Linear(2 * w, config.num_words)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Return features of shape (batch, grid*grid, 2*vision_width)."""
+        feats = self.convs(pixel_values)  # (B, C, g, g)
+        return feats.flatten(2).transpose(1, 2) + self.pos
+
+
+class TinyMoEVLM(PreTrainedModel):
+    """Vision tower + projector + DeepSeek-V2 MoE language model."""
+
+    config_class = TinyVLMConfig
+    base_model_prefix = "tiny_vlm"
+    _supports_attention_backend = True
+
+    def __init__(self, config: TinyVLMConfig):
+        super().__init__(config)
+        self.vision_tower = TinyVisionEncoder(config)
+        hidden = config.text_config.hidden_size
+        self.projector = nn.Sequential(
+            nn.Linear(2 * config.vision_width, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
+        self.language_model = DeepseekV2ForCausalLM(config.text_config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        """Keep constructor init: torch defaults for vision, the LM's own ``post_init``."""
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image-token slots replaced by projected vision features."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        vision = self.projector(self.vision_tower(pixel_values)).to(embeds.dtype)
+        mask = input_ids == self.config.image_token_id
+        return embeds.masked_scatter(mask.unsqueeze(-1), vision.reshape(-1, vision.shape[-1]))
+
+    def forward(self, input_ids, pixel_values, attention_mask=None, position_ids=None,
+                labels=None, **kwargs):
+        """Run the language model on text + image embeddings (a transformers output)."""
+        embeds = self.embed(input_ids, pixel_values)
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids, labels=labels, **kwargs)
+
+
+def register() -> None:
+    """Make ``AutoConfig``/``AutoModel`` know the tiny VLM (idempotent, no remote code)."""
+    try:
+        AutoConfig.register(MODEL_TYPE, TinyVLMConfig)
+        AutoModel.register(TinyVLMConfig, TinyMoEVLM)
+    except ValueError:
+        pass  # already registered
+
+
+# ------------------------------------------------------------------------- processor
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the synthetic vocabulary, built locally."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in synthetic.vocabulary() + ["describe"]:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        unk_token="<unk>", additional_special_tokens=list(SPECIAL_TOKENS[4:]),
+    )
+
+
+class TinyVLMProcessor:
+    """Turns (image, question) pairs into model inputs; left-pads so answers come last."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, num_image_tokens: int = 16):
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.image_id = tokenizer.convert_tokens_to_ids("<image>")
+        self.answer_id = tokenizer.convert_tokens_to_ids("<answer>")
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """``<bos> question <image>*16 <answer>`` as token ids."""
+        q = self.tokenizer(question, add_special_tokens=False)["input_ids"]
+        return [self.tokenizer.bos_token_id, *q, *[self.image_id] * self.num_image_tokens,
+                self.answer_id]
+
+    def __call__(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> dict:
+        """Batch inputs: ``input_ids``, ``attention_mask`` (left-padded), ``pixel_values``."""
+        rows = [self.prompt_ids(q) for q in questions]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values(images)}
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save the tokenizer (the processor has no other state)."""
+        self.tokenizer.save_pretrained(path)
+
+
+def pixel_values(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 HxWx3 arrays -> float tensor (B, 3, H, W) in [-1, 1]."""
+    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+# -------------------------------------------------------------------------- building
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    """Everything that determines the shipped weights (``train-tiny`` reproduces it)."""
+
+    seed: int = 0
+    steps: int = 6000
+    batch_images: int = 24
+    lr: float = 2e-3
+    warmup: int = 200
+    decay_fraction: float = 0.25  # warmup-stable-decay: the last quarter decays linearly to 0
+    weight_decay: float = 0.01
+    caption_weight: float = 0.5
+    aux_weight: float = 1.0
+    router_aux_weight: float = 0.01
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_experts: int = 8
+    top_k: int = 2
+    expert_ffn: int = 128
+    initializer_range: float = 0.08
+
+
+def build_config(recipe: TinyRecipe, vocab_size: int) -> TinyVLMConfig:
+    """The model config for a recipe."""
+    h = recipe.hidden_size
+    text = DeepseekV2Config(
+        vocab_size=vocab_size, hidden_size=h, intermediate_size=2 * h,
+        moe_intermediate_size=recipe.expert_ffn, num_hidden_layers=recipe.num_layers,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=h // 4,
+        n_routed_experts=recipe.num_experts, n_shared_experts=1,
+        num_experts_per_tok=recipe.top_k, first_k_dense_replace=1, max_position_embeddings=64,
+        initializer_range=recipe.initializer_range, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=False, attn_implementation="eager",
+    )
+    return TinyVLMConfig(text_config=text, num_words=len(synthetic.WORDS) + 1)
+
+
+# -------------------------------------------------------------------------- training
+
+
+def _scene_targets(samples: Sequence[synthetic.Sample], grid: int) -> tuple[torch.Tensor, ...]:
+    """Per-cell shape/colour classes and the word class of each sample (0 = none)."""
+    shapes = torch.zeros((len(samples), grid * grid), dtype=torch.long)
+    colors = torch.zeros_like(shapes)
+    words = torch.zeros(len(samples), dtype=torch.long)
+    color_names = list(synthetic.COLORS)
+    for i, s in enumerate(samples):
+        for o in s.scene.objects:
+            shapes[i, o.row * grid + o.col] = synthetic.SHAPES.index(o.shape) + 1
+            colors[i, o.row * grid + o.col] = color_names.index(o.color) + 1
+        if s.scene.word:
+            words[i] = synthetic.WORDS.index(s.scene.word) + 1
+    return shapes, colors, words
+
+
+def _training_batch(samples, processor: TinyVLMProcessor) -> dict:
+    """Right-padded sequences: both questions of every image, then its caption."""
+    tok = processor.tokenizer
+    rows, labels, image_index = [], [], []
+    describe = tok.convert_tokens_to_ids("<describe>")
+    for i, s in enumerate(samples):
+        for q in s.questions:
+            prompt = processor.prompt_ids(q.text)
+            answer = tok(q.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+            image_index.append(i)
+        cap = tok(s.caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        prompt = [tok.bos_token_id, describe, *[processor.image_id] * processor.num_image_tokens,
+                  processor.answer_id]
+        rows.append(prompt + cap)
+        labels.append([-200] * len(prompt) + cap)  # -200 marks caption positions (weighted)
+        image_index.append(i)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    lab = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, (r, lb) in enumerate(zip(rows, labels, strict=True)):
+        ids[j, : len(r)] = torch.tensor(r)
+        lab[j, : len(lb)] = torch.tensor(lb)
+        mask[j, : len(r)] = 1
+    is_caption = torch.tensor([k % 3 == 2 for k in range(len(rows))])
+    return {"input_ids": ids, "labels": lab, "attention_mask": mask,
+            "image_index": torch.tensor(image_index), "is_caption": is_caption}
+
+
+def _router_balance_loss(router_logits: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
+    """Switch-style load-balancing loss, averaged over MoE layers."""
+    total = 0.0
+    for logits in router_logits:
+        probs = logits.float().softmax(-1)
+        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, -1).indices, 1.0)
+        total = total + probs.shape[-1] * (chosen.mean(0) / top_k * probs.mean(0)).sum()
+    return total / max(len(router_logits), 1)
+
+
+def _lr_factor(step: int, recipe: TinyRecipe) -> float:
+    if step < recipe.warmup:
+        return (step + 1) / recipe.warmup
+    decay_start = int(recipe.steps * (1 - recipe.decay_fraction))
+    if step < decay_start:
+        return 1.0
+    return max(0.0, (recipe.steps - step) / max(recipe.steps - decay_start, 1))
+
+
+def training_step(model: TinyMoEVLM, processor, samples, recipe: TinyRecipe) -> dict:
+    """Loss of one batch: answers + weighted captions + vision auxiliaries + router balance."""
+    batch = _training_batch(samples, processor)
+    images = pixel_values([s.image for s in samples])
+    feats = model.vision_tower(images)
+    vision = model.projector(feats)
+    embeds = model.language_model.get_input_embeddings()(batch["input_ids"])
+    per_row = vision[batch["image_index"]]
+    mask = batch["input_ids"] == model.config.image_token_id
+    embeds = embeds.masked_scatter(mask.unsqueeze(-1), per_row.reshape(-1, per_row.shape[-1]))
+    out = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                               output_router_logits=True)
+    logits = out.logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    caption_pos = labels == -200
+    labels = labels.masked_fill(caption_pos, -100)
+    tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=-100, reduction="none").view(labels.shape)
+    answer_mask = (labels != -100) & ~batch["is_caption"].unsqueeze(1)
+    caption_mask = (labels != -100) & batch["is_caption"].unsqueeze(1)
+    answer_loss = tok_loss[answer_mask].mean()
+    caption_loss = tok_loss[caption_mask].mean() if caption_mask.any() else answer_loss * 0
+    shapes, colors, words = _scene_targets(samples, model.config.grid)
+    vt = model.vision_tower
+    aux = (F.cross_entropy(vt.aux_shape(feats).flatten(0, 1), shapes.flatten())
+           + F.cross_entropy(vt.aux_color(feats).flatten(0, 1), colors.flatten())
+           + F.cross_entropy(vt.aux_word(feats.mean(1)), words))
+    balance = _router_balance_loss(out.router_logits, recipe.top_k)
+    loss = (answer_loss + recipe.caption_weight * caption_loss + recipe.aux_weight * aux
+            + recipe.router_aux_weight * balance)
+    return {"loss": loss, "answer": answer_loss.detach(), "caption": caption_loss.detach(),
+            "aux": aux.detach(), "balance": balance.detach()}
+
+
+def new_model(recipe: TinyRecipe) -> tuple[TinyMoEVLM, TinyVLMProcessor]:
+    """A freshly initialised model and its processor (seeded by the recipe)."""
+    torch.manual_seed(recipe.seed)
+    tokenizer = build_tokenizer()
+    config = build_config(recipe, vocab_size=len(tokenizer))
+    return TinyMoEVLM(config), TinyVLMProcessor(tokenizer, config.num_image_tokens)
+
+
+def train(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), minutes: float | None = None,
+          eval_every: int = 500, eval_pairs: int = 40,
+          on_progress: Callable[[float, str], None] | None = None) -> dict:
+    """Train the tiny VLM with a fixed step count; save it; return the training log.
+
+    ``minutes`` caps the wall time (the run then stops early and says so in the log); the
+    shipped weights come from the full step count, so they do not depend on machine speed.
+    """
+    from mopeq.evaluate import TinyVLMAdapter, evaluate_samples
+
+    model, processor = new_model(recipe)
+    model.language_model.set_experts_implementation("grouped_mm")
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    stream = synthetic.train_stream(seed=recipe.seed + 1)
+    held_out = synthetic.eval_split()
+    quick = [s for c in synthetic.CATEGORIES
+             for s in [x for x in held_out if x.category == c][:eval_pairs]]
+    log = {"recipe": asdict(recipe), "curve": [], "stopped_early": False}
+    start = time.perf_counter()
+    step = 0
+    for step in range(recipe.steps):
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr * _lr_factor(step, recipe)
+        samples = [next(stream) for _ in range(recipe.batch_images)]
+        model.train()
+        losses = training_step(model, processor, samples, recipe)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        elapsed = time.perf_counter() - start
+        if (step + 1) % eval_every == 0 or step + 1 == recipe.steps:
+            result = evaluate_samples(TinyVLMAdapter(model.eval(), processor), quick)
+            point = {"step": step + 1, "minutes": round(elapsed / 60, 2),
+                     **{k: round(float(v), 4) for k, v in losses.items()},
+                     "score": round(result.score, 1),
+                     "per_category": {c: round(v["score"], 1)
+                                      for c, v in result.per_category.items()}}
+            log["curve"].append(point)
+            if on_progress:
+                on_progress((step + 1) / recipe.steps, json.dumps(point))
+        if minutes is not None and elapsed > minutes * 60:
+            log["stopped_early"] = True
+            break
+    log["steps_done"] = step + 1
+    log["wall_minutes"] = round((time.perf_counter() - start) / 60, 2)
+    save(model.eval(), processor, out_dir)
+    Path(out_dir, "training_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+def save(model: TinyMoEVLM, processor: TinyVLMProcessor, out_dir: str | Path) -> None:
+    """Save weights (bf16, the 16-bit baseline), config and tokenizer in Hugging Face format."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out)
+    model.to(torch.float32)
+    processor.save_pretrained(out)
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[TinyMoEVLM, TinyVLMProcessor]:
+    """Load a saved tiny VLM and its processor from a local folder."""
+    from transformers import AutoTokenizer
+
+    register()
+    model = TinyMoEVLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), TinyVLMProcessor(tokenizer, model.config.num_image_tokens)
