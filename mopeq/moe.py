@@ -44,7 +44,8 @@ class ArchSpec:
     vision: tuple[str, ...] = ("visual", "vision_tower", "vision_model", "vision",
                                "multi_modal_projector", "projector", "mm_projector", "aligner",
                                "vision_embed", "patch_embed")
-    top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "moe_k", "top_k", "moe_top_k")
+    top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "moe_k", "top_k", "moe_top_k",
+                                     "moe_topk")
 
 
 # Extend this table to teach discovery a new architecture (keyed by config.model_type).
@@ -256,7 +257,7 @@ def _first_attr(obj, keys):
 
 
 def _num_shared(tc, blocks) -> int:
-    for key in ("n_shared_experts", "num_shared_experts"):
+    for key in ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts"):
         v = getattr(tc, key, None)
         if isinstance(v, int):
             return v

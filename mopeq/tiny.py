@@ -401,8 +401,9 @@ def save(model: TinyMoEVLM, processor: TinyVLMProcessor, out_dir: str | Path) ->
     """Save weights (bf16, the 16-bit baseline), config and tokenizer in Hugging Face format."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out)
-    model.to(torch.float32)
+    state = {k: v.detach().to(torch.bfloat16) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
+    model.save_pretrained(out, state_dict=state)
     processor.save_pretrained(out)
 
 

@@ -84,3 +84,39 @@ def list_moe_from_fused(model: nn.Module) -> nn.Module:
             ex.down_proj.weight.data.copy_(fused.experts.down_proj.data[j])
         layer.mlp = block
     return model
+
+
+def _vision(**extra):
+    return dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                patch_size=8, spatial_merge_size=2, temporal_patch_size=2, **extra)
+
+
+VLM_CONFIGS = {
+    "qwen3_vl_moe": lambda: (T.Qwen3VLMoeForConditionalGeneration, T.Qwen3VLMoeConfig(
+        text_config=dict(COMMON, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                         head_dim=16, rope_scaling={"rope_type": "default",
+                                                    "mrope_section": [2, 3, 3]}),
+        vision_config=_vision(deepstack_visual_indexes=[0]))),
+    "glm4v_moe": lambda: (T.Glm4vMoeForConditionalGeneration, T.Glm4vMoeConfig(
+        text_config=dict(COMMON, moe_intermediate_size=32, n_routed_experts=8,
+                         n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                         head_dim=16),
+        vision_config=_vision())),
+}
+# Aria and Llama4 keep fused experts transposed: [E, H, 2I] and [E, I, H].
+TRANSPOSED_CONFIGS = {
+    "llama4_text": lambda: (T.Llama4ForCausalLM, T.Llama4TextConfig(
+        **{**COMMON, "intermediate_size": 32}, intermediate_size_mlp=128, head_dim=16,
+        num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=1)),
+    "aria_text": lambda: (T.AriaTextForCausalLM, T.AriaTextConfig(
+        **{**COMMON, "intermediate_size": 32}, moe_num_experts=8, moe_topk=2,
+        moe_num_shared_experts=1)),
+}
+ALL_CONFIGS = {**CONFIGS, **VLM_CONFIGS, **TRANSPOSED_CONFIGS}
+
+
+def tiny_model(name: str, seed: int = 0) -> nn.Module:
+    """A tiny random-weight model of any architecture in ``ALL_CONFIGS``."""
+    cls, config = ALL_CONFIGS[name]()
+    torch.manual_seed(seed)
+    return cls(config).eval()
