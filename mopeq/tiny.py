@@ -412,6 +412,30 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[TinyMoEV
     from transformers import AutoTokenizer
 
     register()
-    model = TinyMoEVLM.from_pretrained(path, dtype=dtype)
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    if config.get("quantized_language_model"):
+        model = _load_quantized(path, config["quantized_language_model"], dtype)
+    else:
+        model = TinyMoEVLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), TinyVLMProcessor(tokenizer, model.config.num_image_tokens)
+
+
+def _load_quantized(path: Path, lm_folder: str, dtype: torch.dtype) -> TinyMoEVLM:
+    """A tiny VLM whose language model was exported by auto-round (quantized linears)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    config = TinyVLMConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = TinyMoEVLM(config)
+    lm = AutoModelForCausalLM.from_pretrained(path / lm_folder, device_map="cpu")
+    model.language_model = lm
+    rest = {k: v.to(dtype) for k, v in load_file(str(path / "rest.safetensors")).items()}
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    missing = [k for k in missing if not k.startswith("language_model.")]
+    if missing or unexpected:
+        raise ValueError(f"quantized checkpoint {path} does not match: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model

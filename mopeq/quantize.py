@@ -1,0 +1,314 @@
+"""Quantize a model per expert with auto-round; export it with a deployable recipe.
+
+This is the only module that imports auto-round (pinned in pyproject; its API churns). A
+``BitMap`` becomes auto-round's ``layer_config`` keyed by the per-expert module names that
+auto-round creates when it unfuses transformers-5 experts. Non-expert linear layers of the
+language model get the base bits; routers, embeddings, lm_head and any vision tower/projector
+stay 16-bit. A linear layer whose shape auto-round cannot pack (a dimension not divisible by 32,
+or an input dimension not divisible by the group size) stays 16-bit too, as in the authors' code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mopeq.moe import PROJECTIONS, MoELayout
+
+SUPPORTED_BITS = (2, 3, 4, 8, 16)
+BASE_COMPONENTS = ("attention", "dense_mlp", "shared_experts")
+GGML_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0", 16: "f16"}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize: mode, group size, symmetry, bits of the non-expert linears."""
+
+    mode: str = "rtn"  # "rtn": data-free round-to-nearest; "tuned": SignRound (iters > 0)
+    group_size: int = 128
+    sym: bool = True
+    base_bits: int = 4  # attention, dense MLP, shared experts (16 = leave them unquantized)
+    iters: int = 50  # tuned mode only
+    nsamples: int = 32  # tuned mode only
+    seqlen: int = 32  # tuned mode only
+    batch_size: int = 8  # tuned mode only
+
+    def __post_init__(self):
+        if self.mode not in ("rtn", "tuned"):
+            raise ValueError(f"mode must be 'rtn' or 'tuned', got {self.mode!r}")
+        if self.group_size < 1 or self.group_size % 32:
+            raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
+        if self.base_bits not in SUPPORTED_BITS:
+            raise ValueError(f"base_bits must be one of {SUPPORTED_BITS}, got {self.base_bits}")
+
+
+@dataclass
+class QuantResult:
+    """A quantized model, the bits applied to each module, and what was exported."""
+
+    model: nn.Module
+    layer_config: dict[str, dict]
+    elapsed_s: float
+    config: QuantConfig
+    levels_ok: bool | None = None
+    export_dir: Path | None = None
+    recipe: dict = field(default_factory=dict)
+    compressor: object = field(default=None, repr=False)  # auto-round's state, for export
+
+
+def packable(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether auto-round packs a linear of this shape as integers (else it stays 16-bit)."""
+    return out_features % 32 == 0 and in_features % 32 == 0 and in_features % group_size == 0
+
+
+def quant_root(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module auto-round quantizes (the language model of a VLM) and its name prefix."""
+    lm = getattr(model, "language_model", None)
+    if isinstance(lm, nn.Module) and hasattr(lm, "config") and hasattr(lm, "lm_head"):
+        return lm, "language_model."
+    return model, ""
+
+
+def check_bitmap(layout: MoELayout, bits: np.ndarray) -> np.ndarray:
+    """Validate a bit map against a layout; return it as an int array.
+
+    Raises:
+        ValueError: wrong shape (a bit map of another model) or unsupported widths.
+    """
+    bits = np.asarray(bits)
+    want = (layout.num_moe_layers, layout.num_experts)
+    if bits.shape != want:
+        raise ValueError(f"bit map has shape {bits.shape}, but this model has {want[0]} MoE "
+                         f"layers x {want[1]} experts: was it made for another model?")
+    bad = sorted(set(np.unique(bits).tolist()) - set(SUPPORTED_BITS))
+    if bad:
+        raise ValueError(f"unsupported bit widths {bad}: auto-round exports {SUPPORTED_BITS}")
+    return bits.astype(int)
+
+
+def layer_config(layout: MoELayout, bits: np.ndarray, config: QuantConfig,
+                 prefix: str = "") -> dict[str, dict]:
+    """auto-round ``layer_config``: every expert projection and base linear, by module name.
+
+    Names are relative to the quantized root (``prefix`` is stripped). Layers outside the
+    language model (vision tower, projector) are not listed: they are not in the root.
+    """
+    bits = check_bitmap(layout, bits)
+    cfg: dict[str, dict] = {}
+
+    def entry(b: int, out_f: int, in_f: int) -> dict:
+        b = b if b < 16 and packable(out_f, in_f, config.group_size) else 16
+        return {"bits": int(b), "group_size": config.group_size, "sym": config.sym}
+
+    for info in layout.experts:
+        row = layout.moe_layers.index(info.layer)
+        for p in PROJECTIONS:
+            name = info.modules[p].removeprefix(prefix)
+            cfg[name] = entry(bits[row, info.expert], *info.shapes[p])
+    for t in layout.tensors:
+        if not t.linear or not t.name.startswith(prefix):
+            continue
+        name = t.name.removeprefix(prefix).removesuffix(".weight")
+        b = config.base_bits if t.component in BASE_COMPONENTS else 16
+        cfg[name] = entry(b, t.shape[0], t.shape[1])
+    return cfg
+
+
+def quantize(model: nn.Module, layout: MoELayout, bits, config: QuantConfig = QuantConfig(),
+             tokenizer=None, calib: list[str] | None = None, inplace: bool = False,
+             on_progress: Callable[[float, str], None] | None = None) -> QuantResult:
+    """Quantize the language model with per-expert bits; returns a ready-to-evaluate model.
+
+    ``bits`` is a [MoE layers x experts] array (or a ``BitMap``). Mode ``rtn`` is data-free;
+    ``tuned`` runs SignRound on ``calib`` (local strings, never the hub's default data set).
+    """
+    bits = getattr(bits, "bits", bits)
+    start = time.perf_counter()
+    model = model if inplace else copy.deepcopy(model)
+    root, prefix = quant_root(model)
+    cfg = layer_config(layout, bits, config, prefix)
+    if config.mode == "tuned" and not calib:
+        raise ValueError("tuned mode needs local calibration texts (calib=[...])")
+    if on_progress:
+        on_progress(0.05, f"quantizing {len(cfg)} linear layers ({config.mode})")
+    ar = _autoround(root, tokenizer, cfg, config, calib)
+    with _quiet():
+        ar.quantize()
+    root.float()
+    result = QuantResult(model, cfg, time.perf_counter() - start, config, compressor=ar)
+    result.levels_ok = verify_levels(root, cfg)
+    if on_progress:
+        on_progress(1.0, f"quantized in {result.elapsed_s:.1f} s")
+    return result
+
+
+def _autoround(root, tokenizer, cfg, config: QuantConfig, calib):
+    from auto_round import AutoRound
+
+    if tokenizer is None:
+        raise ValueError("auto-round needs the model's tokenizer")
+    kwargs = dict(scheme="W4A16", group_size=config.group_size, sym=config.sym,
+                  device_map="cpu", enable_torch_compile=False, layer_config=copy.deepcopy(cfg))
+    if config.mode == "rtn":
+        kwargs.update(iters=0, disable_opt_rtn=True)
+    else:
+        kwargs.update(iters=config.iters, nsamples=config.nsamples, seqlen=config.seqlen,
+                      batch_size=config.batch_size, dataset=list(calib))
+    with _quiet():
+        return AutoRound(root, tokenizer=getattr(tokenizer, "tokenizer", tokenizer), **kwargs)
+
+
+class _quiet:
+    """Silence auto-round's INFO/WARNING logging for the duration of a call."""
+
+    def __enter__(self):
+        self.logger = logging.getLogger("autoround")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def verify_levels(root: nn.Module, cfg: dict[str, dict]) -> bool:
+    """Check that every quantized weight takes at most 2**bits levels per group.
+
+    Raises:
+        AssertionError: naming the first module that breaks the rule.
+    """
+    modules = dict(root.named_modules())
+    for name, c in cfg.items():
+        if c["bits"] >= 16 or name not in modules:
+            continue
+        w = modules[name].weight.detach().float()
+        groups = w.reshape(w.shape[0], -1, c["group_size"])
+        levels = max(len(torch.unique(g)) for g in groups.reshape(-1, c["group_size"]))
+        if levels > 2 ** c["bits"]:
+            raise AssertionError(f"{name}: {levels} levels in a group at {c['bits']} bits")
+    return True
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def export(result: QuantResult, layout: MoELayout, out_dir: str | Path, *, source: str,
+           fingerprint: str, bitmap_json: dict, scores_summary: dict | None = None,
+           memory: dict | None = None, processor=None) -> Path:
+    """Write the checkpoint (auto-round format), ``recipe.json`` and engine snippets.
+
+    Everything is written into a temporary folder next to ``out_dir`` and renamed at the end,
+    so a failure leaves no half-written output.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output folder {out} exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        _write_checkpoint(result, tmp, processor)
+        recipe = build_recipe(result, layout, source=source, fingerprint=fingerprint,
+                              bitmap_json=bitmap_json, scores_summary=scores_summary,
+                              memory=memory)
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1))
+        write_snippets(recipe, tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.export_dir, result.recipe = out, recipe
+    return out
+
+
+def _write_checkpoint(result: QuantResult, folder: Path, processor) -> None:
+    root, prefix = quant_root(result.model)
+    lm_dir = folder / "language_model" if prefix else folder
+    with _quiet():
+        result.compressor.save_quantized(str(lm_dir), format="auto_round", inplace=False)
+    if prefix:  # a VLM: the 16-bit rest of the model beside the quantized language model
+        from safetensors.torch import save_file
+
+        rest = {k: v.detach().to(torch.bfloat16).contiguous()
+                for k, v in result.model.state_dict().items() if not k.startswith(prefix)}
+        save_file(rest, str(folder / "rest.safetensors"))
+        config = result.model.config.to_dict()
+        config["quantized_language_model"] = "language_model"
+        (folder / "config.json").write_text(json.dumps(config, indent=1))
+        if processor is not None:
+            processor.save_pretrained(folder)
+
+
+def build_recipe(result: QuantResult, layout: MoELayout, *, source: str, fingerprint: str,
+                 bitmap_json: dict, scores_summary: dict | None, memory: dict | None) -> dict:
+    """The plain JSON recipe: everything needed to reproduce or convert the choice."""
+    _, prefix = quant_root(result.model)
+    bits = np.asarray(bitmap_json["bits"])
+    per_layer = [sorted(set(row.tolist())) for row in bits]
+    return {
+        "mopeq_recipe": 1,
+        "model": {"source": source, "fingerprint": fingerprint, "model_type": layout.model_type},
+        "defaults": {**asdict(result.config), "router": 16, "embeddings": 16, "lm_head": 16,
+                     "vision": 16},
+        "module_prefix": prefix,
+        "modules": result.layer_config,
+        "allocation": {**bitmap_json, "layers": layout.moe_layers},
+        "scores": scores_summary or {},
+        "memory": memory or {},
+        "deployable_fused": all(len(s) == 1 for s in per_layer),
+        "quantize_seconds": round(result.elapsed_s, 2),
+    }
+
+
+def write_snippets(recipe: dict, folder: Path) -> dict[str, str]:
+    """Ready-to-paste snippets: auto-round ``layer_config``, GPTQModel ``dynamic``, llama.cpp."""
+    mods = recipe["modules"]
+    snippets = {
+        "autoround_layer_config.py": "layer_config = " + json.dumps(
+            {n: {"bits": c["bits"], "group_size": c["group_size"], "sym": c["sym"]}
+             for n, c in mods.items()}, indent=1) + "\n",
+        "gptqmodel_dynamic.py": "dynamic = " + json.dumps(gptq_dynamic(mods), indent=1) + "\n",
+    }
+    if recipe["deployable_fused"]:
+        snippets["llama_cpp_tensor_types.txt"] = llama_cpp_lines(recipe)
+    for name, text in snippets.items():
+        (folder / name).write_text(text)
+    return snippets
+
+
+def gptq_dynamic(mods: dict[str, dict]) -> dict[str, dict]:
+    """GPTQModel ``dynamic`` rules: one regex per module whose bits differ from the default."""
+    import re
+
+    default = max(set(c["bits"] for c in mods.values() if c["bits"] < 16), default=4)
+    rules = {}
+    for name, c in mods.items():
+        key = re.escape(name) + "$"
+        if c["bits"] >= 16:
+            rules[f"-:{key}"] = {}
+        elif c["bits"] != default:
+            rules[f"+:{key}"] = {"bits": c["bits"], "group_size": c["group_size"]}
+    return rules
+
+
+def llama_cpp_lines(recipe: dict) -> str:
+    """``--tensor-type`` arguments for llama-quantize (one type per layer's stacked experts)."""
+    bits = np.asarray(recipe["allocation"]["bits"])
+    layers = recipe["allocation"].get("layers") or list(range(len(bits)))
+    lines = []
+    for layer, row in zip(layers, bits, strict=True):
+        ggml = GGML_TYPES[int(row[0])]
+        lines += [f"--tensor-type blk.{layer}.ffn_{p}_exps={ggml}" for p in PROJECTIONS]
+    return " \\\n".join(lines) + "\n"
