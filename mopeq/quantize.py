@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,9 @@ from mopeq.moe import PROJECTIONS, MoELayout
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 BASE_COMPONENTS = ("attention", "dense_mlp", "shared_experts")
 GGML_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0", 16: "f16"}
+# auto-round keeps its compressor context in process-wide singletons: a second AutoRound built
+# while one is quantizing or saving corrupts the first. One quantization at a time, therefore.
+_AUTOROUND_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class QuantResult:
     levels_ok: bool | None = None
     export_dir: Path | None = None
     recipe: dict = field(default_factory=dict)
-    compressor: object = field(default=None, repr=False)  # auto-round's state, for export
+    checkpoint: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
 
 def packable(out_features: int, in_features: int, group_size: int) -> bool:
@@ -143,11 +147,14 @@ def quantize(model: nn.Module, layout: MoELayout, bits, config: QuantConfig = Qu
         raise ValueError("tuned mode needs local calibration texts (calib=[...])")
     if on_progress:
         on_progress(0.05, f"quantizing {len(cfg)} linear layers ({config.mode})")
-    ar = _autoround(root, tokenizer, cfg, config, calib)
-    with _quiet():
+    checkpoint = tempfile.TemporaryDirectory(prefix="mopeq-q-")
+    with _AUTOROUND_LOCK, _quiet():
+        ar = _autoround(root, tokenizer, cfg, config, calib)
         ar.quantize()
+        # packed now: auto-round's context does not survive the next AutoRound instance
+        ar.save_quantized(checkpoint.name, format="auto_round", inplace=False)
     root.float()
-    result = QuantResult(model, cfg, time.perf_counter() - start, config, compressor=ar)
+    result = QuantResult(model, cfg, time.perf_counter() - start, config, checkpoint=checkpoint)
     result.levels_ok = verify_levels(root, cfg)
     if on_progress:
         on_progress(1.0, f"quantized in {result.elapsed_s:.1f} s")
@@ -166,8 +173,7 @@ def _autoround(root, tokenizer, cfg, config: QuantConfig, calib):
     else:
         kwargs.update(iters=config.iters, nsamples=config.nsamples, seqlen=config.seqlen,
                       batch_size=config.batch_size, dataset=list(calib))
-    with _quiet():
-        return AutoRound(root, tokenizer=getattr(tokenizer, "tokenizer", tokenizer), **kwargs)
+    return AutoRound(root, tokenizer=getattr(tokenizer, "tokenizer", tokenizer), **kwargs)
 
 
 class _quiet:
@@ -236,8 +242,7 @@ def export(result: QuantResult, layout: MoELayout, out_dir: str | Path, *, sourc
 def _write_checkpoint(result: QuantResult, folder: Path, processor) -> None:
     root, prefix = quant_root(result.model)
     lm_dir = folder / "language_model" if prefix else folder
-    with _quiet():
-        result.compressor.save_quantized(str(lm_dir), format="auto_round", inplace=False)
+    shutil.copytree(result.checkpoint.name, lm_dir, dirs_exist_ok=True)
     if prefix:  # a VLM: the 16-bit rest of the model beside the quantized language model
         from safetensors.torch import save_file
 
