@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mopeq.memory import quantizable
 from mopeq.moe import PROJECTIONS, MoELayout
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
@@ -72,11 +73,6 @@ class QuantResult:
     checkpoint: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
 
-def packable(out_features: int, in_features: int, group_size: int) -> bool:
-    """Whether auto-round packs a linear of this shape as integers (else it stays 16-bit)."""
-    return out_features % 32 == 0 and in_features % 32 == 0 and in_features % group_size == 0
-
-
 def quant_root(model: nn.Module) -> tuple[nn.Module, str]:
     """The module auto-round quantizes (the language model of a VLM) and its name prefix."""
     lm = getattr(model, "language_model", None)
@@ -113,7 +109,7 @@ def layer_config(layout: MoELayout, bits: np.ndarray, config: QuantConfig,
     cfg: dict[str, dict] = {}
 
     def entry(b: int, out_f: int, in_f: int) -> dict:
-        b = b if b < 16 and packable(out_f, in_f, config.group_size) else 16
+        b = b if b < 16 and bool(quantizable(out_f, in_f, config.group_size)) else 16
         return {"bits": int(b), "group_size": config.group_size, "sym": config.sym}
 
     for info in layout.experts:

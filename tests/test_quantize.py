@@ -146,3 +146,43 @@ def test_failed_export_leaves_nothing(quantized_vlm, tiny_vlm, tmp_path):
 
 def test_fingerprint_of_quantized_differs(tiny_vlm, quantized_vlm):
     assert fingerprint_model(quantized_vlm[0].model) != fingerprint_model(tiny_vlm[0])
+
+
+def test_memory_estimate_matches_exported_checkpoint(quantized_vlm, tiny_vlm, tmp_path):
+    """The estimate of the quantized linears equals their packed size on disk within 1 %."""
+    from safetensors import safe_open
+
+    from mopeq.memory import MemoryConfig, estimate
+
+    _, processor, layout = tiny_vlm
+    result, bits = quantized_vlm
+    out = export(result, layout, tmp_path / "m", source="t", fingerprint="0",
+                 bitmap_json={"bits": bits.tolist()}, processor=processor)
+    est = estimate(layout, bits, MemoryConfig(group_size=32, base_bits=CFG.base_bits))
+    on_disk = {}
+    with safe_open(str(out / "language_model" / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            on_disk[key] = t.numel() * t.element_size()
+    packed = sum(n for k, n in on_disk.items() if k.rsplit(".", 1)[-1] in ("qweight", "qzeros",
+                                                                              "scales"))
+    quantized_modules = {k.rsplit(".", 1)[0] for k in on_disk if k.endswith(".qweight")}
+    assert quantized_modules == {n for n, c in result.layer_config.items() if c["bits"] < 16}
+    expected_bits = sum(
+        est_bits for name, est_bits in _quantized_bits(layout, result.layer_config).items())
+    assert abs(packed - expected_bits / 8) / packed < 0.01
+    # and the whole estimate agrees with everything stored (16-bit parts of the VLM included)
+    rest = (out / "rest.safetensors").stat().st_size
+    total = sum(on_disk.values()) + rest
+    assert abs(est.total_bytes - total) / total < 0.01
+
+
+def _quantized_bits(layout, cfg):
+    from mopeq.memory import storage_bits
+
+    shapes = {e.modules[p].removeprefix("language_model."): e.shapes[p]
+              for e in layout.experts for p in e.shapes}
+    shapes.update({t.name.removeprefix("language_model.").removesuffix(".weight"): t.shape
+                   for t in layout.tensors if t.linear})
+    return {n: int(storage_bits(*shapes[n], c["bits"], c["group_size"]))
+            for n, c in cfg.items() if c["bits"] < 16}
