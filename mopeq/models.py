@@ -22,6 +22,11 @@ EMBEDDED_DIR = REPO_ROOT / "assets" / "tiny-moe-vlm"
 EMBEDDED = "embedded"
 
 
+def embedded_dir() -> Path:
+    """Where the embedded model lives (``$MOPEQ_EMBEDDED_DIR`` overrides ``assets/``)."""
+    return Path(os.environ.get("MOPEQ_EMBEDDED_DIR", EMBEDDED_DIR))
+
+
 class ModelLoadError(ValueError):
     """A model source could not be loaded; the message says why and what to do."""
 
@@ -49,11 +54,11 @@ def load_model(source: str = EMBEDDED, trust_remote_code: bool = False,
     if not source:
         raise ModelLoadError("no model given: use 'embedded', a local folder or a hub id")
     if source == EMBEDDED:
-        if not (EMBEDDED_DIR / "config.json").exists():
-            raise ModelLoadError(f"the embedded model is missing from {EMBEDDED_DIR}; "
-                                 "recreate it with: python -m mopeq train-tiny --out "
-                                 f"{EMBEDDED_DIR}")
-        return _load_dir(EMBEDDED_DIR, EMBEDDED, trust_remote_code, dtype)
+        folder = embedded_dir()
+        if not (folder / "config.json").exists():
+            raise ModelLoadError(f"the embedded model is missing from {folder}; "
+                                 f"recreate it with: python -m mopeq train-tiny --out {folder}")
+        return _load_dir(folder, EMBEDDED, trust_remote_code, dtype)
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
