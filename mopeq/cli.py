@@ -30,15 +30,7 @@ def _load(args):
 
 def cmd_inspect(args) -> int:
     """Print the MoE layout of a model."""
-    from mopeq.moe import discover, layout_from_config
-
-    if Path(args.model).is_dir() and not any(Path(args.model).glob("*.safetensors")) \
-            and args.model != "embedded":
-        from transformers import AutoConfig
-
-        layout = layout_from_config(AutoConfig.from_pretrained(args.model))
-    else:
-        layout = discover(_load(args).model)
+    _, layout = _layout(args)
     info = layout.to_json()
     if args.json:
         _print_json(info)
@@ -85,6 +77,191 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _layout(args):
+    """Layout of ``--model``: from the weights, or from a config-only folder (meta device)."""
+    from mopeq.moe import discover, layout_from_config
+
+    path = Path(args.model)
+    if path.is_dir() and (path / "config.json").exists() and not any(path.glob("*.safetensors")):
+        from transformers import AutoConfig
+
+        return None, layout_from_config(AutoConfig.from_pretrained(
+            path, trust_remote_code=getattr(args, "trust_remote_code", False)))
+    loaded = _load(args)
+    return loaded, discover(loaded.model)
+
+
+def _bits_arg(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bits must be comma-separated integers, got {text!r}") from None
+
+
+def _read_json(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _read_scores(path: str):
+    from mopeq.sensitivity import Scores
+
+    d = _read_json(path)
+    if "scores" in d:
+        return Scores.from_json(d)
+    return Scores.load(path)
+
+
+def _read_bitmap(path: str):
+    from mopeq.allocate import BitMap
+
+    d = _read_json(path)
+    if "bits" not in d:
+        raise ValueError(f"{path} has no 'bits': not a bit map (write one with 'mopeq allocate')")
+    return BitMap.from_json(d)
+
+
+def cmd_profile(args) -> int:
+    """Per-expert sensitivity scores."""
+    from mopeq.pipeline import CalibConfig, sensitivity
+    from mopeq.sensitivity import ProfileConfig
+
+    loaded, layout = _layout(args)
+    if loaded is None:
+        raise ValueError("profiling needs weights; this folder holds only a config")
+    config = ProfileConfig(probes=args.probes, seed=args.seed, closed_form=args.closed_form,
+                           normalize_per_layer=args.normalize)
+    scores = sensitivity(loaded, layout, args.method, config, CalibConfig(seed=args.seed),
+                         on_progress=None if args.json else _stderr_progress)
+    out = scores.to_json()
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, default=str))
+    if args.json:
+        _print_json(out)
+    else:
+        _print_grid(f"{args.method} scores (rows: MoE layers {layout.moe_layers})", scores.scores)
+        print(f"elapsed {out['elapsed_s']:.2f} s, cache hit: {out['cache_hit']}")
+    return 0
+
+
+def _stderr_progress(fraction: float, message: str) -> None:
+    print(f"[{fraction:5.1%}] {message}", file=sys.stderr, flush=True)
+
+
+def _print_grid(title: str, grid) -> None:
+    print(title)
+    for row in grid:
+        print("  " + " ".join(f"{x:9.3g}" for x in row))
+
+
+def _alloc_config(args):
+    from mopeq.allocate import AllocConfig
+    from mopeq.memory import MemoryConfig
+
+    return AllocConfig(method=args.method, clusters=args.clusters, bits=args.bits,
+                       scope=args.scope, log_scores=args.log_scores,
+                       target_bits=args.target_bits, target_gb=args.target_gb,
+                       uniform_bits=args.uniform_bits, seed=args.seed,
+                       memory=MemoryConfig(group_size=args.group_size, base_bits=args.base_bits))
+
+
+def cmd_allocate(args) -> int:
+    """Bits per expert from a scores file."""
+    from mopeq.pipeline import allocation, errors_for
+
+    scores = _read_scores(args.scores)
+    loaded, layout = _layout(args)
+    config = _alloc_config(args)
+    errors = None
+    if args.method == "budget":
+        if loaded is None:
+            raise ValueError("budget allocation needs the weights (quantization errors)")
+        errors = errors_for(loaded, layout, config.bits, args.group_size)
+    result = allocation(scores, layout, config, snap=args.snap, errors=errors)
+    out = result.to_json()
+    out["layers"] = layout.moe_layers
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, default=str))
+    if args.json:
+        _print_json(out)
+    else:
+        _print_grid(f"bits ({result.bitmap.method}; rows: MoE layers {layout.moe_layers})",
+                    result.bitmap.bits)
+        m = result.memory
+        print(f"average bits {result.bitmap.avg_bits:.3f}; deployable on fused-MoE engines: "
+              f"{result.bitmap.deployable_fused}; memory {m.gb:.6f} GB ({m.ratio:.2f}x vs bf16)")
+    return 0
+
+
+def cmd_memory(args) -> int:
+    """Memory estimate of a bit map on a model (a config-only folder is enough)."""
+    from mopeq.memory import MemoryConfig, estimate
+
+    _, layout = _layout(args)
+    bitmap = _read_bitmap(args.bitmap)
+    est = estimate(layout, bitmap, MemoryConfig(group_size=args.group_size,
+                                                base_bits=args.base_bits))
+    out = est.to_json()
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"total {est.total_bytes:,} bytes = {est.gb:.4f} GB = {est.gib:.4f} GiB "
+              f"({est.ratio:.2f}x smaller than bf16 {est.bf16_bytes:,} bytes)")
+        print(f"bits per quantized weight {est.avg_bits_quantized:.3f}, over all weights "
+              f"{est.avg_bits_all:.3f}")
+        for comp, n in est.breakdown.items():
+            print(f"  {comp:<20}{n:>16,} bytes")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    """Quantize with a bit map and export checkpoint + recipe + snippets."""
+    from mopeq.memory import MemoryConfig, estimate
+    from mopeq.pipeline import calibration_texts
+    from mopeq.quantize import QuantConfig, export, quantize
+
+    loaded, layout = _layout(args)
+    if loaded is None:
+        raise ValueError("quantizing needs weights; this folder holds only a config")
+    bitmap = _read_bitmap(args.bitmap)
+    config = QuantConfig(mode=args.mode, group_size=args.group_size, base_bits=args.base_bits,
+                         iters=args.iters)
+    calib = calibration_texts(loaded) if args.mode == "tuned" else None
+    result = quantize(loaded.model, layout, bitmap, config, tokenizer=loaded.processor,
+                      calib=calib, on_progress=None if args.json else _stderr_progress)
+    mem = estimate(layout, bitmap, MemoryConfig(group_size=args.group_size,
+                                                base_bits=args.base_bits))
+    out_dir = export(result, layout, args.out, source=loaded.source,
+                     fingerprint=loaded.fingerprint, bitmap_json=bitmap.to_json(),
+                     memory=mem.to_json(), processor=loaded.processor)
+    info = {"out": str(out_dir), "quantize_s": round(result.elapsed_s, 2),
+            "levels_ok": result.levels_ok, "avg_bits": bitmap.avg_bits,
+            "deployable_fused": bitmap.deployable_fused, "estimated_bytes": mem.total_bytes}
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"quantized in {info['quantize_s']} s; bits verified: {result.levels_ok}; "
+              f"wrote {out_dir}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    """The comparison study: MoPEQ vs baselines vs the peer on one model and subset."""
+    from mopeq.study import run_study
+
+    table = run_study(_load(args), pairs=args.pairs, seed=args.seed, out_dir=args.out,
+                      random_seeds=args.random_seeds, group_size=args.group_size,
+                      on_progress=_stderr_progress)
+    print(table)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -120,6 +297,70 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pairs", type=int, default=None, help="image pairs (default: all)")
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("profile", help="per-expert sensitivity scores")
+    model_args(sp)
+    sp.add_argument("--method", default="frobenius",
+                    choices=["frobenius", "hessian", "fisher", "frequency"])
+    sp.add_argument("--probes", type=int, default=None,
+                    help="Hutchinson probes (frobenius: 100; hessian: cap 64)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--closed-form", action="store_true",
+                    help="frobenius: the exact (n-1)/(n||W||) instead of Hutchinson")
+    sp.add_argument("--normalize", action="store_true",
+                    help="divide by the layer's sum (the authors' MolmoE variant)")
+    sp.add_argument("--out", help="write the scores JSON here")
+    sp.set_defaults(func=cmd_profile)
+
+    def alloc_args(sp):
+        sp.add_argument("--method", default="kmeans",
+                        choices=["kmeans", "budget", "uniform", "frequency", "random"])
+        sp.add_argument("--clusters", type=int, default=3)
+        sp.add_argument("--bits", type=_bits_arg, default=(2, 3, 4))
+        sp.add_argument("--scope", default="model", choices=["model", "layer"])
+        sp.add_argument("--log-scores", action="store_true", help="cluster log10 scores")
+        target = sp.add_mutually_exclusive_group()
+        target.add_argument("--target-bits", type=float, default=None)
+        target.add_argument("--target-gb", type=float, default=None)
+        sp.add_argument("--uniform-bits", type=int, default=4)
+        sp.add_argument("--snap", choices=["mean", "max", "min"], default=None,
+                        help="one width per layer (fused-MoE engines)")
+        sp.add_argument("--seed", type=int, default=0)
+
+    sp = sub.add_parser("allocate", help="bits per expert from scores")
+    model_args(sp)
+    sp.add_argument("--scores", required=True, help="a scores JSON from 'mopeq profile --out'")
+    alloc_args(sp)
+    sp.add_argument("--group-size", type=int, default=128)
+    sp.add_argument("--base-bits", type=int, default=4)
+    sp.add_argument("--out", help="write the bit map JSON here")
+    sp.set_defaults(func=cmd_allocate)
+
+    sp = sub.add_parser("memory", help="memory estimate of a bit map")
+    model_args(sp)
+    sp.add_argument("--bitmap", required=True)
+    sp.add_argument("--group-size", type=int, default=128)
+    sp.add_argument("--base-bits", type=int, default=4)
+    sp.set_defaults(func=cmd_memory)
+
+    sp = sub.add_parser("quantize", help="quantize per expert with auto-round and export")
+    model_args(sp)
+    sp.add_argument("--bitmap", required=True)
+    sp.add_argument("--mode", default="rtn", choices=["rtn", "tuned"])
+    sp.add_argument("--group-size", type=int, default=128)
+    sp.add_argument("--base-bits", type=int, default=4)
+    sp.add_argument("--iters", type=int, default=50, help="tuned mode: SignRound iterations")
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_quantize)
+
+    sp = sub.add_parser("study", help="compare MoPEQ, baselines and auto-round AutoScheme")
+    model_args(sp)
+    sp.add_argument("--pairs", type=int, default=None, help="image pairs (default: all)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--random-seeds", type=int, default=5)
+    sp.add_argument("--group-size", type=int, default=128)
+    sp.add_argument("--out", default="study")
+    sp.set_defaults(func=cmd_study)
     return p
 
 

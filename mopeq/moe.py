@@ -305,7 +305,7 @@ def _experts(block: MoEBlock, params: dict, modules: dict) -> list[ExpertInfo]:
                  for p, n in zip(PROJECTIONS, ("gate_proj", "up_proj", "down_proj"), strict=True)}
         if block.fused:
             gu = params[f"{block.experts_path}.gate_up_proj"]
-            h, two_i = (gu.shape[1], gu.shape[2]) if block.transposed else (gu.shape[2], gu.shape[1])
+            h, two_i = gu.shape[1:] if block.transposed else gu.shape[:0:-1]
             i = two_i // 2
             shapes = {"gate": (i, h), "up": (i, h), "down": (h, i)}
         else:

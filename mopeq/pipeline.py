@@ -17,7 +17,7 @@ import numpy as np
 from mopeq import cache
 from mopeq.allocate import AllocConfig, BitMap, allocate, pareto, quant_errors, snap_per_layer
 from mopeq.evaluate import EvalResult, compare, run_evaluation
-from mopeq.memory import MemoryConfig, MemoryEstimate, estimate
+from mopeq.memory import MemoryEstimate, estimate
 from mopeq.models import LoadedModel
 from mopeq.moe import MoELayout
 from mopeq.quantize import QuantConfig, QuantResult, quantize

@@ -313,3 +313,60 @@ def llama_cpp_lines(recipe: dict) -> str:
         ggml = GGML_TYPES[int(row[0])]
         lines += [f"--tensor-type blk.{layer}.ffn_{p}_exps={ggml}" for p in PROJECTIONS]
     return " \\\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ the peer: AutoScheme
+
+
+def autoscheme(model: nn.Module, layout: MoELayout, expert_avg_bits: float, config: QuantConfig,
+               tokenizer, texts: list[str], bits: tuple[int, ...] = (2, 3, 4)):
+    """auto-round's own mixed-bit search (AutoScheme) at the same average expert bits.
+
+    Non-expert layers are fixed as in ``layer_config`` (base bits / 16-bit), so AutoScheme only
+    chooses among the experts; its ``avg_bits`` counts every layer it sees, so the target is
+    converted from an expert average to an all-layer average. auto-round scores layers by
+    ``|grad * (W - Q(W))|`` on calibration data and solves a knapsack; by default experts of
+    one block are one decision unit. Returns (expert bits [L, E], ``QuantResult``).
+    """
+    from auto_round import AutoRound, AutoScheme
+
+    start = time.perf_counter()
+    model = copy.deepcopy(model)
+    root, prefix = quant_root(model)
+    full = layer_config(layout, np.full((layout.num_moe_layers, layout.num_experts), 4),
+                        config, prefix)
+    fixed = {n: c for n, c in full.items() if ".experts." not in n}
+    target = _all_layer_target(layout, fixed, full, expert_avg_bits)
+    suffix = "" if config.group_size == 128 else f"G{config.group_size}"
+    with tempfile.TemporaryDirectory(prefix="mopeq-as-") as tmp, _AUTOROUND_LOCK, _quiet():
+        data = Path(tmp, "calib.jsonl")
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        os.environ["AR_AUTO_SCHEME_CACHE"] = str(Path(tmp, "scores"))  # never reuse scores
+        common = dict(nsamples=min(len(texts), 16), seqlen=config.seqlen, batch_size=4,
+                      dataset=str(data))
+        scheme = AutoScheme(avg_bits=target, options=",".join(f"W{b}A16{suffix}" for b in bits),
+                            ignore_scale_zp_bits=True, low_cpu_mem_usage=False,
+                            device_map="cpu", **common)
+        ar = AutoRound(root, tokenizer=getattr(tokenizer, "tokenizer", tokenizer), scheme=scheme,
+                       iters=0, disable_opt_rtn=True, device_map="cpu",
+                       enable_torch_compile=False, layer_config=copy.deepcopy(fixed), **common)
+        _, chosen = ar.quantize()
+    root.float()
+    out = np.zeros((layout.num_moe_layers, layout.num_experts), dtype=int)
+    for info in layout.experts:
+        name = info.modules["gate"].removeprefix(prefix)
+        out[layout.moe_layers.index(info.layer), info.expert] = int(chosen[name]["bits"])
+    cfg = {n: {"bits": int(c["bits"]), "group_size": config.group_size, "sym": config.sym}
+           for n, c in chosen.items() if n in full}
+    return out, QuantResult(model, cfg, time.perf_counter() - start, config)
+
+
+def _all_layer_target(layout: MoELayout, fixed: dict, full: dict, expert_avg: float) -> float:
+    shapes = {t.name.removesuffix(".weight"): t.shape for t in layout.tensors if t.linear}
+    shapes = {n.split(".", 1)[1] if n.startswith("language_model.") else n: s
+              for n, s in shapes.items()}
+    fixed_numel = sum(shapes[n][0] * shapes[n][1] for n in fixed if n in shapes)
+    fixed_bits = sum(shapes[n][0] * shapes[n][1] * c["bits"] for n, c in fixed.items()
+                     if n in shapes)
+    expert_numel = sum(e.numel for e in layout.experts)
+    return (fixed_bits + expert_avg * expert_numel) / (fixed_numel + expert_numel)

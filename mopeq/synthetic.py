@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -51,7 +51,7 @@ _GLYPHS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _glyph(letter: str) -> np.ndarray:
     return np.array([[c == "#" for c in row] for row in _GLYPHS[letter]], dtype=bool)
 
@@ -158,7 +158,8 @@ def caption(scene: Scene) -> str:
 # ---------------------------------------------------------------------------- scenes
 
 
-def _free_cells(rng: np.random.Generator, n: int, rows: range = range(GRID)) -> list[tuple[int, int]]:
+def _free_cells(rng: np.random.Generator, n: int,
+                rows: range = range(GRID)) -> list[tuple[int, int]]:
     cells = [(r, c) for r in rows for c in range(GRID)]
     idx = rng.choice(len(cells), size=n, replace=False)
     return [cells[i] for i in idx]
@@ -211,11 +212,14 @@ def _count(rng):
     specs += [(_pick(rng, others), _pick(rng, list(COLORS))) for _ in range(n_other)]
     scene = _scene(rng, _objects(rng, specs, _free_cells(rng, len(specs))))
     wrong = k + 1 if k == 1 or rng.random() < 0.5 else k - 1
-    return scene, (Question(_count_text(k, shape), "Yes"), Question(_count_text(wrong, shape), "No"))
+    return scene, (Question(_count_text(k, shape), "Yes"),
+                   Question(_count_text(wrong, shape), "No"))
 
 
 def _count_text(n: int, shape: str) -> str:
-    return f"Is there {n} {shape} in the image?" if n == 1 else f"Are there {n} {shape}s in the image?"
+    if n == 1:
+        return f"Is there {n} {shape} in the image?"
+    return f"Are there {n} {shape}s in the image?"
 
 
 def _position(rng):

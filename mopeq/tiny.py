@@ -407,7 +407,8 @@ def save(model: TinyMoEVLM, processor: TinyVLMProcessor, out_dir: str | Path) ->
     processor.save_pretrained(out)
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[TinyMoEVLM, TinyVLMProcessor]:
+def load(path: str | Path,
+         dtype: torch.dtype = torch.float32) -> tuple[TinyMoEVLM, TinyVLMProcessor]:
     """Load a saved tiny VLM and its processor from a local folder."""
     from transformers import AutoTokenizer
 

@@ -10,8 +10,7 @@ from mopeq import synthetic, tiny
 from mopeq.evaluate import TinyVLMAdapter, evaluate_samples
 from mopeq.models import fingerprint_model, load_model
 from mopeq.moe import discover
-from mopeq.quantize import (QuantConfig, check_bitmap, export, gptq_dynamic, layer_config,
-                            quantize)
+from mopeq.quantize import QuantConfig, check_bitmap, export, gptq_dynamic, layer_config, quantize
 from tests.helpers import list_moe_from_fused, tiny_lm
 
 CFG = QuantConfig(group_size=32)

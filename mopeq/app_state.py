@@ -1,0 +1,473 @@
+"""App-only helpers: the shared model cache, per-session state, and the calls the app makes.
+
+Nothing here imports gradio or does numerics: it turns the app's control values into the
+library's configs, calls ``mopeq.pipeline``, and shapes results into tables. ``app.py`` wires
+these to the page and to the public API endpoints.
+
+Sharing rules (several users, one process):
+
+- A loaded model is the largest object in the process, so models live once, in a small LRU
+  (``ModelCache``) keyed by ``(source, trust_remote_code)`` and shared by every session.
+  Scores and quantization errors computed for a model are memoised beside it: they are pure
+  functions of (model, settings), so sharing them leaks nothing between users.
+- Anything that *runs* the shared model holds its ``ModelEntry.lock``: data-aware sensitivity
+  switches the expert kernels and installs routing hooks, which a concurrent forward pass or
+  a quantization's copy of the model must not see. Allocation and memory only read weights
+  (or nothing) and never take the lock, so the live controls never wait behind a quantization.
+- Everything a user chose or produced (their scores, allocation, runs) lives in that user's
+  ``SessionState``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mopeq.allocate import AllocConfig
+    from mopeq.models import LoadedModel
+    from mopeq.moe import MoELayout
+    from mopeq.pipeline import Allocation, Run
+    from mopeq.sensitivity import ProfileConfig, Scores
+
+Progress = Callable[[float, str], None]
+EMBEDDED = "embedded"
+CACHE_SIZE = 2  # loaded models kept; the free Spaces CPU has 16 GB
+MEMO_SIZE = 16  # scores / error tables remembered per model
+
+
+class Cancelled(Exception):
+    """The user pressed cancel; the job stops at its next progress report."""
+
+
+def _noop(_f: float, _m: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """Which sensitivity to compute: a method and its probe settings."""
+
+    method: str = "frobenius"
+    probes: int = 0  # 0: the method's default (frobenius 100, hessian 64)
+    closed_form: bool = True  # frobenius: the exact value of its Hutchinson estimate
+
+    def config(self) -> ProfileConfig:
+        """The library's ``ProfileConfig`` (validated there)."""
+        from mopeq.sensitivity import METHODS, ProfileConfig
+
+        if self.method not in METHODS:
+            raise ValueError(f"unknown sensitivity method {self.method!r}; choose one of "
+                             f"{', '.join(METHODS)}")
+        probes = int(self.probes) if self.probes else None
+        return ProfileConfig(probes=probes, closed_form=bool(self.closed_form))
+
+    def key(self) -> tuple:
+        """What determines the scores (the memo key)."""
+        import json
+
+        return self.method, json.dumps(self.config().settings(self.method), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class AllocSettings:
+    """The allocation controls of the page (and of the ``allocate`` API endpoint)."""
+
+    method: str = "kmeans"
+    clusters: int = 3
+    bits: tuple[int, ...] = (2, 3, 4)
+    scope: str = "model"
+    log_scores: bool = False
+    target_bits: float = 3.0
+    uniform_bits: int = 4
+    group_size: int = 128
+    base_bits: int = 4
+    snap: str = "none"  # none | mean | max | min
+    seed: int = 0
+
+    @staticmethod
+    def of(method="kmeans", clusters=3, bits=(2, 3, 4), scope="model", log_scores=False,
+           target_bits=3.0, uniform_bits=4, group_size=128, base_bits=4, snap="none",
+           seed=0) -> AllocSettings:
+        """Build from widget values (floats from sliders, strings from dropdowns, None)."""
+        bits = () if bits is None else bits
+        return AllocSettings(str(method), int(clusters), tuple(int(b) for b in bits), str(scope),
+                             bool(log_scores), float(target_bits), int(uniform_bits),
+                             int(group_size), int(base_bits), str(snap or "none"), int(seed))
+
+    def config(self) -> AllocConfig:
+        """The library's ``AllocConfig`` (it validates and names what is wrong)."""
+        from mopeq.allocate import AllocConfig
+        from mopeq.memory import MemoryConfig
+
+        if not self.bits:
+            raise ValueError("no bit width selected: tick at least one of 2, 3, 4, 8")
+        budget = self.method == "budget"
+        return AllocConfig(method=self.method, clusters=self.clusters, bits=self.bits,
+                           scope=self.scope, log_scores=self.log_scores,
+                           target_bits=self.target_bits if budget else None,
+                           uniform_bits=self.uniform_bits, seed=self.seed,
+                           memory=MemoryConfig(self.group_size, self.base_bits))
+
+    def score_method(self, chosen: str) -> str:
+        """The scores this method allocates by (``frequency`` always uses routing counts)."""
+        return "frequency" if self.method == "frequency" else chosen
+
+
+# ------------------------------------------------------------------------ model cache
+
+
+@dataclass
+class ModelEntry:
+    """A loaded model, its layout, and what has been computed for it (shared by sessions)."""
+
+    loaded: LoadedModel
+    layout: MoELayout
+    lock: threading.RLock = field(default_factory=threading.RLock)  # held while the model runs
+    memo: OrderedDict = field(default_factory=OrderedDict)
+    memo_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def remembered(self, key: tuple) -> Any:
+        """A memoised value or None."""
+        with self.memo_lock:
+            return self.memo.get(key)
+
+    def remember(self, key: tuple, value: Any) -> Any:
+        """Memoise ``value`` (oldest entries go first)."""
+        with self.memo_lock:
+            self.memo[key] = value
+            while len(self.memo) > MEMO_SIZE:
+                self.memo.popitem(last=False)
+        return value
+
+    def running(self, on_progress: Progress) -> _Running:
+        """Context manager holding ``lock``; reports waiting (and so can be cancelled)."""
+        return _Running(self.lock, on_progress)
+
+
+class _Running:
+    def __init__(self, lock: threading.RLock, on_progress: Progress):
+        self.lock, self.on_progress = lock, on_progress
+
+    def __enter__(self):
+        while not self.lock.acquire(timeout=0.5):
+            self.on_progress(0.0, "waiting: another job is running this model")
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+class ModelCache:
+    """A small LRU of loaded models keyed by ``(source, trust_remote_code)``, thread-safe.
+
+    One per app (``build_demo`` makes it): sessions share models instead of copying them.
+    A model is loaded once even when several sessions ask for it at the same moment.
+    """
+
+    def __init__(self, size: int = CACHE_SIZE, loader: Callable | None = None):
+        self.size = size
+        self.loader = loader or _load_entry
+        self.entries: OrderedDict[tuple[str, bool], ModelEntry] = OrderedDict()
+        self.guard = threading.Lock()
+        self.loading: dict[tuple[str, bool], threading.Lock] = {}
+
+    def get(self, source: str, trust_remote_code: bool = False) -> ModelEntry:
+        """The entry for a source, loading it on a miss.
+
+        Raises:
+            ValueError: ``ModelLoadError`` or ``NotMoEError`` with a readable message.
+        """
+        key = ((source or "").strip() or EMBEDDED, bool(trust_remote_code))
+        hit = self._hit(key)
+        if hit is not None:
+            return hit
+        with self.guard:
+            load_lock = self.loading.setdefault(key, threading.Lock())
+        with load_lock:
+            hit = self._hit(key)
+            if hit is None:
+                hit = self.loader(*key)
+                with self.guard:
+                    self.entries[key] = hit
+                    while len(self.entries) > self.size:
+                        self.entries.popitem(last=False)
+        return hit
+
+    def _hit(self, key) -> ModelEntry | None:
+        with self.guard:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.entries.move_to_end(key)
+            return entry
+
+
+def _load_entry(source: str, trust_remote_code: bool) -> ModelEntry:
+    from mopeq.models import load_model
+    from mopeq.moe import discover
+
+    loaded = load_model(source, trust_remote_code=trust_remote_code)
+    return ModelEntry(loaded, discover(loaded.model))
+
+
+# ------------------------------------------------------------------------ session
+
+
+class SessionState:
+    """One user's choices and results; gradio keeps one per browser session.
+
+    Attributes:
+        key: ``(source, trust_remote_code)`` of the model this session works on.
+        scores: the scores this user computed, by method (the latest settings win).
+        allocation: the latest allocation (bits drawn on the heatmaps, exported).
+        runs: summaries of this user's quantize-and-evaluate runs (``Run.summary`` + pairs).
+        last_run: the latest ``Run`` (its quantized model is what export writes).
+        jobs: a cancel flag per kind of long job; each new job gets a fresh flag.
+    """
+
+    def __init__(self):
+        self.key: tuple[str, bool] | None = None
+        self.scores: dict[str, Scores] = {}
+        self.allocation: Allocation | None = None
+        self.runs: list[dict] = []
+        self.last_run: Run | None = None
+        self.jobs: dict[str, threading.Event] = {}
+
+    def __deepcopy__(self, memo) -> SessionState:
+        # gradio deep-copies the initial value once per new session: start empty
+        return SessionState()
+
+    def use_model(self, key: tuple[str, bool]) -> None:
+        """Switch to another model; results of the previous one are dropped."""
+        if key != self.key:
+            self.__init__()
+            self.key = key
+
+    def new_job(self, kind: str) -> threading.Event:
+        """A fresh cancel flag for a job of ``kind`` (an older job keeps its own)."""
+        self.jobs[kind] = threading.Event()
+        return self.jobs[kind]
+
+    def cancel(self, kind: str) -> bool:
+        """Flag the running job of ``kind``; False when none was running."""
+        flag = self.jobs.get(kind)
+        if flag is None or flag.is_set():
+            return False
+        flag.set()
+        return True
+
+
+def cancellable(flag: threading.Event, report: Progress) -> Progress:
+    """A progress callback that raises ``Cancelled`` once ``flag`` is set."""
+    def on_progress(fraction: float, message: str) -> None:
+        if flag.is_set():
+            raise Cancelled("cancelled")
+        report(fraction, message)
+
+    return on_progress
+
+
+# ------------------------------------------------------------------------ computations
+
+
+def layout_summary(entry: ModelEntry) -> dict:
+    """Layers, experts, top-k, shared experts and parameters by component (no per-expert list)."""
+    info = entry.layout.to_json()
+    info.pop("experts")
+    loaded = entry.loaded
+    return {"source": loaded.source, "kind": loaded.kind, "fingerprint": loaded.fingerprint,
+            **info}
+
+
+def scores(entry: ModelEntry, spec: ScoreSpec,
+           on_progress: Progress = _noop) -> tuple[Scores, bool]:
+    """Scores by ``spec`` and whether they were already known (memo or disk cache)."""
+    from mopeq import pipeline
+
+    key = ("scores", *spec.key())
+    hit = entry.remembered(key)
+    if hit is not None:
+        on_progress(1.0, f"{spec.method}: cached")
+        return hit, True
+    with entry.running(on_progress):
+        result = pipeline.sensitivity(entry.loaded, entry.layout, spec.method, spec.config(),
+                                      on_progress=on_progress)
+    entry.remember(key, result)
+    return result, bool(result.meta.get("cache_hit"))
+
+
+def errors(entry: ModelEntry, bits: tuple[int, ...], group_size: int):
+    """Per-expert round-to-nearest errors [L, E, B] (memoised; they only read weights)."""
+    from mopeq import pipeline
+
+    key = ("errors", tuple(sorted(bits)), group_size)
+    hit = entry.remembered(key)
+    if hit is None:
+        hit = entry.remember(key, pipeline.errors_for(entry.loaded, entry.layout, bits,
+                                                      group_size))
+    return hit
+
+
+def allocation(entry: ModelEntry, score: Scores, settings: AllocSettings,
+               with_pareto: bool = True) -> Allocation:
+    """Bits, memory estimate and (with errors) the Pareto frontier for ``settings``."""
+    from mopeq import pipeline
+
+    config = settings.config()
+    need_errors = with_pareto or config.method == "budget"
+    errs = errors(entry, config.bits, settings.group_size) if need_errors else None
+    snap = None if settings.snap == "none" else settings.snap
+    return pipeline.allocation(score, entry.layout, config, snap=snap, errors=errs,
+                               with_pareto=with_pareto)
+
+
+def bf16_breakdown(entry: ModelEntry) -> dict[str, int]:
+    """Bytes per component with every weight in 16 bits (the memory chart's reference)."""
+    from mopeq.memory import MemoryConfig, estimate
+
+    key = ("bf16",)
+    hit = entry.remembered(key)
+    if hit is None:
+        shape = (entry.layout.num_moe_layers, entry.layout.num_experts)
+        full = [[16] * shape[1] for _ in range(shape[0])]
+        hit = entry.remember(key, estimate(entry.layout, full, MemoryConfig(base_bits=16))
+                             .breakdown)
+    return hit
+
+
+def quantize_evaluate(entry: ModelEntry, alloc: Allocation, settings: AllocSettings,
+                      mode: str = "rtn", pairs: int = 50, label: str | None = None,
+                      on_progress: Progress = _noop) -> Run:
+    """Quantize with ``alloc``'s bits and evaluate baseline and quantized on ``pairs``."""
+    from mopeq import pipeline
+    from mopeq.quantize import QuantConfig
+
+    qconfig = QuantConfig(mode=mode, group_size=settings.group_size,
+                          base_bits=settings.base_bits)
+    pairs = int(pairs)
+    if pairs < 1:
+        raise ValueError(f"pairs must be >= 1, got {pairs}")
+    with entry.running(on_progress):
+        calib = pipeline.calibration_texts(entry.loaded) if mode == "tuned" else None
+        return pipeline.quantize_and_evaluate(entry.loaded, entry.layout, alloc, qconfig,
+                                              pairs=pairs, label=label, calib_texts=calib,
+                                              on_progress=on_progress)
+
+
+def run_summary(run: Run, pairs: int) -> dict:
+    """``Run.summary`` with the subset size and the per-category comparison."""
+    per_cat = run.comparison["per_category"]
+    return {**run.summary(), "pairs": int(pairs),
+            "comparison": {c: {"baseline": v["baseline"], "quantized": v["other"],
+                               "delta": v["delta"]} for c, v in per_cat.items()}}
+
+
+# ------------------------------------------------------------------------ tables & files
+
+
+def layout_table(summary: dict) -> pd.DataFrame:
+    """Parameters by component (components with none are left out), with shares."""
+    import pandas as pd
+
+    params = {k: v for k, v in summary["params"].items() if v and k != "total"}
+    total = summary["params"]["total"]
+    rows = [{"component": k, "parameters": v, "share": f"{v / total:.1%}"}
+            for k, v in params.items()]
+    rows.append({"component": "total", "parameters": total, "share": "100%"})
+    return pd.DataFrame(rows)
+
+
+def clusters_table(alloc: Allocation, score: Scores) -> pd.DataFrame:
+    """One row per (cluster, bits): experts, score range, centroid."""
+    import pandas as pd
+
+    rows = alloc.bitmap.clusters_table(score.scores)
+    frame = pd.DataFrame(rows, columns=["cluster", "bits", "experts", "score_min", "score_max",
+                                        "centroid"])
+    return frame.sort_values(["bits", "cluster"], na_position="first").reset_index(drop=True)
+
+
+def category_table(run: Run) -> pd.DataFrame:
+    """Per-category MME scores: baseline, quantized, delta."""
+    import pandas as pd
+
+    rows = [{"category": c, "baseline": v["baseline"], "quantized": v["other"],
+             "delta": v["delta"]} for c, v in run.comparison["per_category"].items()]
+    rows.append({"category": "total", "baseline": run.baseline.score,
+                 "quantized": run.result.score, "delta": run.result.score - run.baseline.score})
+    return pd.DataFrame(rows)
+
+
+RUN_COLUMNS = ("label", "mode", "pairs", "avg_bits", "gb", "ratio_vs_bf16", "score",
+               "baseline_score", "delta", "kl", "flip_rate", "deployable_fused", "quantize_s")
+
+
+def runs_table(runs: list[dict]) -> pd.DataFrame:
+    """The session's runs, one row each."""
+    import pandas as pd
+
+    return pd.DataFrame([{k: r.get(k) for k in RUN_COLUMNS} for r in runs],
+                        columns=list(RUN_COLUMNS))
+
+
+def tradeoff_points(runs: list[dict], bf16_gb: float) -> list[dict]:
+    """The runs for ``plots.tradeoff_scatter``, with one baseline point per subset size."""
+    points = [dict(r) for r in runs]
+    for pairs in sorted({r["pairs"] for r in runs}):
+        base = next(r["baseline_score"] for r in runs if r["pairs"] == pairs)
+        points.append({"method": "baseline", "avg_bits": 16.0, "gb": bf16_gb, "score": base,
+                       "baseline": True, "label": f"unquantized ({pairs} pairs)"})
+    return points
+
+
+def scores_frame(entry: ModelEntry, score: Scores, bits=None) -> pd.DataFrame:
+    """One row per expert: layer, expert, score, its parts, stderr, tokens, bits."""
+    import pandas as pd
+
+    layers = entry.layout.moe_layers
+    rows = []
+    for i, layer in enumerate(layers):
+        for e in range(score.scores.shape[1]):
+            rows.append({"layer": layer, "expert": e, "score": score.scores[i, e],
+                         **{p: score.per_projection[p][i, e] for p in ("gate", "up", "down")},
+                         "stderr": None if score.stderr is None else score.stderr[i, e],
+                         "tokens": None if score.tokens is None else int(score.tokens[i, e]),
+                         "bits": None if bits is None else int(bits[i][e])})
+    return pd.DataFrame(rows)
+
+
+def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None) -> list[str]:
+    """Write the downloads into a fresh temporary folder; returns their paths.
+
+    Always the scores CSV; after a run, also the recipe JSON, the engine snippets and the
+    quantized checkpoint as a zip.
+    """
+    from mopeq.quantize import export
+
+    out = Path(tempfile.mkdtemp(prefix="mopeq-export-"))
+    csv = out / f"scores_{score.method}.csv"
+    scores_frame(entry, score, bits).to_csv(csv, index=False)
+    files = [str(csv)]
+    if run is None:
+        return files
+    ckpt = export(run.quant, entry.layout, out / "checkpoint", source=entry.loaded.source,
+                  fingerprint=entry.loaded.fingerprint,
+                  bitmap_json=run.allocation.bitmap.to_json(),
+                  scores_summary={"method": score.method, "settings": score.meta.get("settings")},
+                  memory=run.allocation.memory.to_json(), processor=entry.loaded.processor)
+    for name in ("recipe.json", "autoround_layer_config.py", "gptqmodel_dynamic.py",
+                 "llama_cpp_tensor_types.txt"):
+        if (ckpt / name).exists():
+            files.append(str(shutil.copy(ckpt / name, out / name)))
+    files.append(shutil.make_archive(str(out / "checkpoint"), "zip", ckpt))
+    return files
