@@ -124,7 +124,7 @@ def _read_bitmap(path: str):
     d = _read_json(path)
     if "bits" not in d:
         raise ValueError(f"{path} has no 'bits': not a bit map (write one with 'mopeq allocate')")
-    return BitMap.from_json(d)
+    return BitMap.from_json({"method": "file", **d})  # a hand-written {"bits": ...} is fine
 
 
 def cmd_profile(args) -> int:
@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         msg = exc.args[0] if exc.args else type(exc).__name__
+        if isinstance(exc, KeyError):
+            msg = f"missing or unknown key {msg!r}"
         print(f"mopeq {args.command}: error: {msg}", file=sys.stderr)
         return 2
     finally:

@@ -1,6 +1,7 @@
 """The command line: JSON output and one-line user errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ from tests.helpers import tiny_model
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "mopeq", *args], capture_output=True,
-                          text=True, timeout=300, env={"HF_HUB_OFFLINE": "1",
-                                                       "PATH": "/usr/bin:/bin"})
+                          text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                               "MOPEQ_CACHE_DIR": os.environ["MOPEQ_CACHE_DIR"]})
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +22,9 @@ def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("m") / "deepseek"
     model = tiny_model("deepseek_v2")
     model.save_pretrained(path)
+    from mopeq.tiny import build_tokenizer
+
+    build_tokenizer().save_pretrained(path)  # auto-round wants the model's tokenizer
     return model, path
 
 
@@ -70,3 +75,47 @@ def test_non_moe_model_is_a_user_error(tmp_path):
 def test_bad_arguments_exit_nonzero():
     res = run("inspect", "--nope")
     assert res.returncode != 0 and "Traceback" not in res.stderr
+
+
+def test_profile_allocate_memory_quantize_chain(saved, tmp_path):
+    model, path = saved
+    scores = tmp_path / "scores.json"
+    res = run("profile", "--model", str(path), "--method", "frobenius", "--closed-form",
+              "--json", "--out", str(scores))
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["method"] == "frobenius" and len(out["scores"]) == 1 and len(out["scores"][0]) == 8
+    assert set(out["per_projection"]) == {"gate", "up", "down"}
+    assert isinstance(out["cache_hit"], bool) and "elapsed_s" in out
+    bitmap = tmp_path / "bits.json"
+    res = run("allocate", "--model", str(path), "--scores", str(scores), "--clusters", "2",
+              "--bits", "2,4", "--group-size", "32", "--json", "--out", str(bitmap))
+    assert res.returncode == 0, res.stderr
+    alloc = json.loads(res.stdout)
+    assert {b for row in alloc["bits"] for b in row} == {2, 4}
+    assert alloc["deployable_fused"] is False and 2 < alloc["avg_bits"] < 4
+    res = run("memory", "--model", str(path), "--bitmap", str(bitmap), "--group-size", "32",
+              "--json")
+    assert res.returncode == 0, res.stderr
+    mem = json.loads(res.stdout)
+    assert mem["total_bytes"] < mem["bf16_bytes"] and mem["ratio"] > 1
+    assert mem["breakdown"]["routed_experts"] > 0
+    res = run("quantize", "--model", str(path), "--bitmap", str(bitmap), "--group-size", "32",
+              "--out", str(tmp_path / "q"), "--json")
+    assert res.returncode == 0, res.stderr
+    q = json.loads(res.stdout)
+    assert q["levels_ok"] is True
+    assert (tmp_path / "q" / "recipe.json").exists()
+    assert (tmp_path / "q" / "model.safetensors").exists()
+
+
+def test_bad_bitmap_file_is_a_user_error(saved, tmp_path):
+    _, path = saved
+    bad = tmp_path / "bits.json"
+    bad.write_text(json.dumps({"bits": [[4] * 8, [4] * 8]}))
+    res = run("quantize", "--model", str(path), "--bitmap", str(bad), "--group-size", "32",
+              "--out", str(tmp_path / "q"))
+    assert res.returncode == 2 and "another model" in res.stderr
+    assert not (tmp_path / "q").exists()
+    res = run("allocate", "--model", str(path), "--scores", str(tmp_path / "none.json"))
+    assert res.returncode == 2 and "no such file" in res.stderr
