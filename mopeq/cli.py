@@ -53,10 +53,15 @@ def cmd_train_tiny(args) -> int:
     from mopeq import tiny
 
     torch.set_num_threads(args.threads)
-    recipe = tiny.TinyRecipe(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
-    log = tiny.train(args.out, recipe, minutes=args.minutes,
-                     on_progress=lambda f, m: print(m, flush=True))
-    print(json.dumps({k: log[k] for k in ("steps_done", "wall_minutes", "stopped_early")}))
+    recipe = tiny.TinyRecipe(seed=args.seed)
+    if args.steps:
+        recipe = recipe.scaled(args.steps)
+    start = time.perf_counter()
+    log = tiny.train(args.out, recipe, minutes=args.minutes, init_from=args.init_from,
+                     start_phase=args.start_phase,
+                     on_progress=lambda _step, point: print(point, flush=True))
+    print(json.dumps({"wall_minutes": round((time.perf_counter() - start) / 60, 2),
+                      "stopped_early": log["stopped_early"], "out": args.out}))
     return 0
 
 
@@ -285,8 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("train-tiny", help="train the embedded tiny MoE VLM")
     sp.add_argument("--out", required=True)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
-    sp.add_argument("--minutes", type=float, default=None, help="wall-time cap")
+    sp.add_argument("--steps", type=int, default=None,
+                    help="shorten the recipe to this many steps in all (quick runs)")
+    sp.add_argument("--minutes", type=float, default=None, help="wall-time cap per phase")
+    sp.add_argument("--init-from", default=None, help="resume from a saved model folder")
+    sp.add_argument("--start-phase", type=int, default=0, help="first phase to run")
     sp.add_argument("--threads", type=int, default=1)
     sp.set_defaults(func=cmd_train_tiny)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+import itertools
 from functools import cache, lru_cache
 
 import numpy as np
@@ -289,16 +290,34 @@ def _eval_keys(n_per_category: int, seed: int) -> frozenset:
     return frozenset(s.scene.key() for s in eval_split(n_per_category, seed))
 
 
-def train_stream(seed: int = 1, eval_seed: int = 0, n_eval: int = 120) -> Iterator[Sample]:
-    """An endless stream of training samples, cycling categories, never an eval scene."""
+def train_stream(seed: int = 1, eval_seed: int = 0, n_eval: int = 120,
+                 weights: dict[str, float] | None = None) -> Iterator[Sample]:
+    """An endless stream of training samples, never an eval scene.
+
+    Without ``weights`` it cycles the categories in order; with ``weights`` each sample's
+    category is drawn (seeded) in proportion to them (a curriculum's emphasis).
+    """
     held_out = _eval_keys(n_eval, eval_seed)
-    index = 0
+    if weights is None:
+        order = (c for index in itertools.count() for c in CATEGORIES)
+    else:
+        order = _weighted_categories(seed, weights)
+    counters = dict.fromkeys(CATEGORIES, 0)
+    for category in order:
+        sample = make_sample(seed, TRAIN_SPLIT, category, counters[category])
+        counters[category] += 1
+        if sample.scene.key() not in held_out:
+            yield sample
+
+
+def _weighted_categories(seed: int, weights: dict[str, float]) -> Iterator[str]:
+    unknown = set(weights) - set(CATEGORIES)
+    if unknown:
+        raise ValueError(f"unknown categories {sorted(unknown)}; known: {CATEGORIES}")
+    p = np.array([weights.get(c, 0.0) for c in CATEGORIES], dtype=float)
+    rng = np.random.default_rng([seed, 99])
     while True:
-        for category in CATEGORIES:
-            sample = make_sample(seed, TRAIN_SPLIT, category, index)
-            if sample.scene.key() not in held_out:
-                yield sample
-        index += 1
+        yield CATEGORIES[int(rng.choice(len(CATEGORIES), p=p / p.sum()))]
 
 
 def vocabulary() -> list[str]:

@@ -10,6 +10,7 @@ in Hugging Face format (config.json, model.safetensors, tokenizer.json); no remo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -199,15 +200,36 @@ def pixel_values(images: Sequence[np.ndarray]) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One training phase: a warmup-stable-decay schedule over a fixed number of steps."""
+
+    steps: int
+    lr: float
+    warmup: int = 200
+    decay_fraction: float = 0.25  # the last quarter decays linearly to 0
+    stop_at: int | None = None  # stop after this many steps of the schedule (by count)
+    weights: tuple[tuple[str, float], ...] | None = None  # category emphasis (None: cycle)
+    stream_seed: int = 1
+
+
+# Phase 1 learns everything with captions and vision auxiliaries; phase 2 is a curriculum on
+# the two categories learnt last (count, position). ``stop_at`` would record, by step count, a
+# phase that a time cap ended early, so that even such a run is reproducible.
+DEFAULT_PHASES = (
+    Phase(steps=6000, lr=2e-3, stop_at=None),
+    Phase(steps=2500, lr=1e-3, warmup=100, decay_fraction=0.4, stream_seed=3,
+          weights=(("existence", 1.0), ("count", 2.0), ("position", 3.0), ("color", 0.5),
+                   ("OCR", 0.5))),
+)
+
+
+@dataclass(frozen=True)
 class TinyRecipe:
     """Everything that determines the shipped weights (``train-tiny`` reproduces it)."""
 
     seed: int = 0
-    steps: int = 6000
+    phases: tuple[Phase, ...] = DEFAULT_PHASES
     batch_images: int = 24
-    lr: float = 2e-3
-    warmup: int = 200
-    decay_fraction: float = 0.25  # warmup-stable-decay: the last quarter decays linearly to 0
     weight_decay: float = 0.01
     caption_weight: float = 0.5
     aux_weight: float = 1.0
@@ -218,6 +240,15 @@ class TinyRecipe:
     top_k: int = 2
     expert_ffn: int = 128
     initializer_range: float = 0.08
+
+    def scaled(self, total_steps: int) -> TinyRecipe:
+        """The same recipe with every phase shortened in proportion (for quick runs)."""
+        total = sum(p.steps for p in self.phases)
+        phases = tuple(dataclasses.replace(
+            p, steps=max(1, round(total_steps * p.steps / total)), stop_at=None,
+            warmup=min(p.warmup, max(1, round(total_steps * p.steps / total) // 10)))
+            for p in self.phases)
+        return dataclasses.replace(self, phases=phases)
 
 
 def build_config(recipe: TinyRecipe, vocab_size: int) -> TinyVLMConfig:
@@ -295,13 +326,13 @@ def _router_balance_loss(router_logits: Sequence[torch.Tensor], top_k: int) -> t
     return total / max(len(router_logits), 1)
 
 
-def _lr_factor(step: int, recipe: TinyRecipe) -> float:
-    if step < recipe.warmup:
-        return (step + 1) / recipe.warmup
-    decay_start = int(recipe.steps * (1 - recipe.decay_fraction))
+def _lr_factor(step: int, phase: Phase) -> float:
+    if step < phase.warmup:
+        return (step + 1) / phase.warmup
+    decay_start = int(phase.steps * (1 - phase.decay_fraction))
     if step < decay_start:
         return 1.0
-    return max(0.0, (recipe.steps - step) / max(recipe.steps - decay_start, 1))
+    return max(0.0, (phase.steps - step) / max(phase.steps - decay_start, 1))
 
 
 def training_step(model: TinyMoEVLM, processor, samples, recipe: TinyRecipe) -> dict:
@@ -347,54 +378,76 @@ def new_model(recipe: TinyRecipe) -> tuple[TinyMoEVLM, TinyVLMProcessor]:
 
 
 def train(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), minutes: float | None = None,
-          eval_every: int = 500, eval_pairs: int = 40,
+          eval_every: int = 500, eval_pairs: int = 40, init_from: str | Path | None = None,
+          start_phase: int = 0,
           on_progress: Callable[[float, str], None] | None = None) -> dict:
-    """Train the tiny VLM with a fixed step count; save it; return the training log.
+    """Train the tiny VLM phase by phase (fixed step counts); save it; return the log.
 
-    ``minutes`` caps the wall time (the run then stops early and says so in the log); the
-    shipped weights come from the full step count, so they do not depend on machine speed.
+    Between phases the weights are rounded to bf16, exactly as a saved checkpoint holds them,
+    so resuming from a saved phase (``init_from`` + ``start_phase``) reproduces a full run.
+    ``minutes`` caps the wall time of a phase (the log then says it stopped early).
     """
-    from mopeq.evaluate import TinyVLMAdapter, evaluate_samples
-
-    model, processor = new_model(recipe)
+    if init_from is not None:
+        model, processor = load(init_from)
+        prior = Path(init_from, "training_log.json")
+        log = json.loads(prior.read_text()) if prior.exists() else {"curve": []}
+    else:
+        model, processor = new_model(recipe)
+        log = {"curve": []}
+    log.update(recipe=asdict(recipe), stopped_early=False)
     model.language_model.set_experts_implementation("grouped_mm")
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    stream = synthetic.train_stream(seed=recipe.seed + 1)
     held_out = synthetic.eval_split()
     quick = [s for c in synthetic.CATEGORIES
              for s in [x for x in held_out if x.category == c][:eval_pairs]]
-    log = {"recipe": asdict(recipe), "curve": [], "stopped_early": False}
+    ctx = {"processor": processor, "quick": quick, "eval_every": eval_every, "log": log,
+           "on_progress": on_progress, "minutes": minutes}
+    for index, phase in enumerate(recipe.phases[start_phase:], start=start_phase):
+        _run_phase(model, recipe, phase, index, ctx)
+        with torch.no_grad():  # what a checkpoint between phases would hold
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+    save(model.eval(), processor, out_dir)
+    Path(out_dir, "training_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+def _run_phase(model: TinyMoEVLM, recipe: TinyRecipe, phase: Phase, index: int, ctx) -> None:
+    weights = dict(phase.weights) if phase.weights else None
+    stream = synthetic.train_stream(seed=recipe.seed + phase.stream_seed, weights=weights)
+    opt = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=recipe.weight_decay)
+    last = phase.stop_at or phase.steps
     start = time.perf_counter()
-    step = 0
-    for step in range(recipe.steps):
+    for step in range(last):
         for group in opt.param_groups:
-            group["lr"] = recipe.lr * _lr_factor(step, recipe)
-        samples = [next(stream) for _ in range(recipe.batch_images)]
+            group["lr"] = phase.lr * _lr_factor(step, phase)
         model.train()
-        losses = training_step(model, processor, samples, recipe)
+        losses = training_step(model, ctx["processor"],
+                               [next(stream) for _ in range(recipe.batch_images)], recipe)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        elapsed = time.perf_counter() - start
-        if (step + 1) % eval_every == 0 or step + 1 == recipe.steps:
-            result = evaluate_samples(TinyVLMAdapter(model.eval(), processor), quick)
-            point = {"step": step + 1, "minutes": round(elapsed / 60, 2),
-                     **{k: round(float(v), 4) for k, v in losses.items()},
-                     "score": round(result.score, 1),
-                     "per_category": {c: round(v["score"], 1)
-                                      for c, v in result.per_category.items()}}
-            log["curve"].append(point)
-            if on_progress:
-                on_progress((step + 1) / recipe.steps, json.dumps(point))
-        if minutes is not None and elapsed > minutes * 60:
-            log["stopped_early"] = True
-            break
-    log["steps_done"] = step + 1
-    log["wall_minutes"] = round((time.perf_counter() - start) / 60, 2)
-    save(model.eval(), processor, out_dir)
-    Path(out_dir, "training_log.json").write_text(json.dumps(log, indent=1))
-    return log
+        elapsed = (time.perf_counter() - start) / 60
+        capped = ctx["minutes"] is not None and elapsed > ctx["minutes"]
+        if (step + 1) % ctx["eval_every"] == 0 or step + 1 == last or capped:
+            _log_point(model, ctx, index, step + 1, elapsed, losses)
+        if capped:
+            ctx["log"]["stopped_early"] = True
+            ctx["log"].setdefault("stopped_at", {})[str(index)] = step + 1
+            return
+
+
+def _log_point(model, ctx, phase: int, step: int, minutes: float, losses: dict) -> None:
+    from mopeq.evaluate import TinyVLMAdapter, evaluate_samples
+
+    result = evaluate_samples(TinyVLMAdapter(model.eval(), ctx["processor"]), ctx["quick"])
+    point = {"phase": phase, "step": step, "minutes": round(minutes, 2),
+             **{k: round(float(v.detach()), 4) for k, v in losses.items()},
+             "score": round(result.score, 1),
+             "per_category": {c: round(v["score"], 1) for c, v in result.per_category.items()}}
+    ctx["log"]["curve"].append(point)
+    if ctx["on_progress"]:
+        ctx["on_progress"](step, json.dumps(point))
 
 
 def save(model: TinyMoEVLM, processor: TinyVLMProcessor, out_dir: str | Path) -> None:
