@@ -41,37 +41,21 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from mopeq.knapsack import DP_MAX_CELLS, DP_MAX_ITEMS, SOLVERS, _hull_steps, solve_mckp
 from mopeq.memory import (
     FP_BITS,
     LayoutArrays,
     MemoryConfig,
+    bit_set,
     expert_cost_table,
     fixed_bits,
-    quantizable,
 )
 from mopeq.moe import MoELayout
+from mopeq.qerror import quant_errors, rtn
 
 METHODS = ("kmeans", "budget", "uniform", "frequency", "random")
 SCOPES = ("model", "layer")
-SOLVERS = ("auto", "dp", "greedy")
 SNAP_RULES = ("mean", "max", "min")
-DP_MAX_CELLS = 2_000_000  # items x capacity units under which "auto" solves exactly ...
-DP_MAX_ITEMS = 2048  # ... when there are no more experts than this (one numpy pass per item)
-QUANT_ERRORS_VERSION = 1
-
-
-def _bit_set(bits) -> tuple[int, ...]:
-    try:
-        values = tuple(bits)
-    except TypeError:
-        raise ValueError(f"bits must be a collection of bit widths, got {bits!r}") from None
-    if not values:
-        raise ValueError("bits is empty: give at least one bit width, e.g. bits=(2, 3, 4)")
-    bad = [b for b in values if isinstance(b, bool) or not isinstance(b, (int, np.integer))
-           or not 1 <= b <= FP_BITS]
-    if bad:
-        raise ValueError(f"bit widths must be ints in 1..16, got {bad}")
-    return tuple(sorted({int(b) for b in values}))
 
 
 @dataclass(frozen=True)
@@ -107,7 +91,7 @@ class AllocConfig:
     solver: str = "auto"
 
     def __post_init__(self):
-        object.__setattr__(self, "bits", _bit_set(self.bits))
+        object.__setattr__(self, "bits", bit_set(self.bits))
         problems = _config_problems(self)
         if problems:
             raise ValueError("invalid AllocConfig: " + "; ".join(problems))
@@ -370,136 +354,6 @@ def _kmeans_map(s: np.ndarray, layout: MoELayout, config: AllocConfig, method: s
 
 # ------------------------------------------------------------------------------ budget
 
-
-@dataclass(frozen=True)
-class _Steps:
-    """Upgrade steps along each item's lower convex hull, sorted by efficiency (best first)."""
-
-    item: np.ndarray
-    frm: np.ndarray
-    to: np.ndarray
-    dcost: np.ndarray
-    dgain: np.ndarray
-    level: np.ndarray
-
-
-def _hull_steps(costs: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, _Steps]:
-    """Start options (cheapest, least loss) and all hull steps (gift wrapping from the left)."""
-    rows = np.arange(len(costs))
-    start = np.argmin(np.where(costs == costs.min(1, keepdims=True), losses, np.inf), 1)
-    cur, parts = start.copy(), []
-    for level in range(costs.shape[1] - 1):
-        dc = costs - costs[rows, cur][:, None]
-        dg = losses[rows, cur][:, None] - losses
-        eff = np.where((dc > 0) & (dg > 0), dg / np.maximum(dc, 1), -np.inf)
-        nxt = eff.argmax(1)
-        ok = eff[rows, nxt] > -np.inf
-        if not ok.any():
-            break
-        i, j = rows[ok], nxt[ok]
-        parts.append((i, cur[ok], j, dc[i, j], dg[i, j], np.full(len(i), level)))
-        cur = np.where(ok, nxt, cur)
-    cols = [np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, dtype)
-            for k, dtype in enumerate((int, int, int, np.int64, float, int))]
-    order = np.lexsort((cols[5], -(cols[4] / np.maximum(cols[3], 1))))
-    return start, _Steps(*(c[order] for c in cols))
-
-
-def _apply(pick: np.ndarray, steps: _Steps, k: int) -> None:
-    for level in np.unique(steps.level[:k]):  # an item's later levels overwrite earlier ones
-        m = steps.level[:k] == level
-        pick[steps.item[:k][m]] = steps.to[:k][m]
-
-
-def _mckp_greedy(costs: np.ndarray, losses: np.ndarray, capacity: int) -> tuple[np.ndarray, dict]:
-    """Convex-hull greedy for the multiple-choice knapsack, with the LP lower bound.
-
-    Any prefix of the efficiency-sorted hull steps is optimal at its own cost; after the first
-    step that does not fit, later steps that still fit are added. The LP relaxation (prefix plus
-    the fitting fraction of that step) bounds the optimum from below.
-    """
-    start, st = _hull_steps(costs, losses)
-    pick = start.copy()
-    rows = np.arange(len(costs))
-    room = capacity - int(costs[rows, start].sum())
-    cum = np.cumsum(st.dcost)
-    k = int(np.searchsorted(cum, room, side="right"))
-    _apply(pick, st, k)
-    room -= int(cum[k - 1]) if k else 0
-    loss = float(losses[rows, start].sum() - st.dgain[:k].sum())
-    lower = loss - (room / st.dcost[k] * st.dgain[k] if k < len(cum) else 0.0)
-    for idx in (k + 1 + np.nonzero(st.dcost[k + 1:] <= room)[0]).tolist():
-        if st.dcost[idx] <= room and pick[st.item[idx]] == st.frm[idx]:
-            pick[st.item[idx]] = st.to[idx]
-            room -= int(st.dcost[idx])
-            loss -= float(st.dgain[idx])
-    return pick, {"solver": "greedy", "lower_bound": float(lower),
-                  "gap_bound": float(max(loss - lower, 0.0))}
-
-
-def _dp_units(costs: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
-    """Extra cost over each item's cheapest option in units of their gcd, and the capacity."""
-    extra = costs - costs.min(1, keepdims=True)
-    unit = int(np.gcd.reduce(extra[extra > 0])) if (extra > 0).any() else 1
-    room = capacity - int(costs.min(1).sum())
-    return extra // unit, int(min(room // unit, int((extra // unit).max(1).sum())))
-
-
-def _mckp_dp(units: np.ndarray, losses: np.ndarray, cap: int) -> tuple[np.ndarray, dict]:
-    """Exact multiple-choice knapsack by dynamic programming over capacity units."""
-    n, b = units.shape
-    dp, choice = np.zeros(cap + 1), np.zeros((n, cap + 1), np.int8)
-    for i in range(n):
-        best = np.full(cap + 1, np.inf)
-        for j in range(b):
-            w = int(units[i, j])
-            if w > cap:
-                continue
-            cand = dp[: cap + 1 - w] + losses[i, j]
-            better = np.nonzero(cand < best[w:])[0] + w
-            best[better] = cand[better - w]
-            choice[i, better] = j
-        dp = best
-    pick, c = np.empty(n, int), cap
-    for i in range(n - 1, -1, -1):
-        pick[i] = choice[i, c]
-        c -= int(units[i, pick[i]])
-    loss = float(losses[np.arange(n), pick].sum())
-    return pick, {"solver": "dp", "lower_bound": loss, "gap_bound": 0.0}
-
-
-def solve_mckp(costs: np.ndarray, losses: np.ndarray, capacity: int,
-               solver: str = "auto") -> tuple[np.ndarray, dict]:
-    """Pick one option per item (rows) minimising total loss with total cost <= capacity.
-
-    Args:
-        costs: [N, B] integer costs.
-        losses: [N, B] losses.
-        capacity: the cost budget.
-        solver: ``dp`` (exact), ``greedy`` (hull greedy, ``gap_bound`` certifies how far from
-            optimal it can be) or ``auto`` (``dp`` when items x capacity units <= DP_MAX_CELLS
-            and items <= DP_MAX_ITEMS).
-
-    Returns:
-        Option index per item, and {solver, lower_bound, gap_bound}.
-
-    Raises:
-        ValueError: if even the cheapest options exceed the capacity.
-    """
-    costs = np.asarray(costs, dtype=np.int64)
-    if int(costs.min(1).sum()) > capacity:
-        raise ValueError(f"infeasible: the cheapest choice costs {int(costs.min(1).sum())} "
-                         f"> capacity {capacity}")
-    units, cap = _dp_units(costs, capacity)
-    cells = len(costs) * (cap + 1)
-    if solver == "dp" and cells > 50 * DP_MAX_CELLS:
-        raise ValueError(f"solver 'dp' would need {cells:.3g} cells; use 'greedy' or 'auto'")
-    if solver == "dp" or (solver == "auto" and cells <= DP_MAX_CELLS
-                          and len(costs) <= DP_MAX_ITEMS):
-        return _mckp_dp(units, losses, cap)
-    return _mckp_greedy(costs, losses, capacity)
-
-
 def _errors_array(errors, shape: tuple[int, int], bits: tuple[int, ...]) -> np.ndarray:
     if errors is None:
         raise ValueError("method 'budget' needs errors=quant_errors(model, layout, bits) "
@@ -553,7 +407,7 @@ def predicted_loss(bitmap: BitMap, scores, errors: np.ndarray, bits: tuple[int, 
     Raises:
         ValueError: if the map uses a width below 16 that ``bits`` does not hold.
     """
-    bits = _bit_set(bits)
+    bits = bit_set(bits)
     lookup = np.full(FP_BITS + 1, -1)
     lookup[list(bits)] = np.arange(len(bits))
     idx = lookup[bitmap.bits]
@@ -576,7 +430,7 @@ def pareto(scores, errors: np.ndarray, layout: MoELayout, bits: tuple[int, ...] 
         Dicts with ``bytes``, ``gb``, ``gib``, ``avg_bits`` (routed experts, numel-weighted) and
         ``predicted_loss``.
     """
-    mem, bits = mem_config or MemoryConfig(), _bit_set(bits)
+    mem, bits = mem_config or MemoryConfig(), bit_set(bits)
     s = scores_array(scores, layout)
     b = len(bits)
     losses = (np.clip(s, 0, None)[..., None] * _errors_array(errors, s.shape, bits)).reshape(-1, b)
@@ -682,85 +536,5 @@ def snap_per_layer(bitmap: BitMap, layout: MoELayout, rule: str = "mean") -> Bit
                   numel=LayoutArrays.of(layout).expert_numel)
 
 
-# ------------------------------------------------------------------------------ errors
-
-
-def rtn(weight, bits: int, group_size: int = 128, sym: bool = True):
-    """Round-to-nearest quantize-dequantize of a 2-D [out, in] weight, as auto-round's int RTN.
-
-    Groups run along the input dim (``group_size=-1``: one per row); scales are fp16. ``sym``
-    follows ``int_sym`` (signed range, the larger-magnitude extreme maps to -2**(b-1)); else
-    ``int_asym`` (unsigned range with a zero point). Computed in float32; bit-exact with
-    auto-round 0.16 ``quant_tensor_sym`` / ``quant_tensor_asym`` on float32 weights.
-    """
-    import torch
-
-    w = weight.detach().float()
-    g = w.shape[1] if group_size == -1 else group_size
-    if w.dim() != 2 or w.shape[1] % g:
-        raise ValueError(f"rtn needs a 2-D weight whose in_features divide by {g}, "
-                         f"got {tuple(w.shape)}")
-    x = w.reshape(-1, g)
-    wmin, wmax = torch.aminmax(x, dim=-1)
-    wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
-    if sym:
-        maxq = 2 ** (bits - 1)
-        scale = (torch.where(wmax < -wmin, -wmin, -wmax) / maxq).half()
-        scale = torch.where(scale < 0, scale.clamp(max=-1e-5), scale.clamp(min=1e-5))
-        scale = scale.float()[:, None]
-        q = (x / scale).round().clamp(-maxq, maxq - 1)
-        return (q * scale).reshape(w.shape)
-    maxq = 2**bits - 1
-    scale = ((wmax - wmin) / maxq).half().clamp(min=1e-5).float()[:, None]
-    zp = (-wmin[:, None] / scale).round()
-    q = ((x / scale).round() + zp).clamp(0, maxq)
-    return (scale * (q - zp)).reshape(w.shape)
-
-
-def quant_errors(model, layout: MoELayout, bits: tuple[int, ...] = (2, 3, 4),
-                 group_size: int = 128, sym: bool = True, fingerprint: str | None = None,
-                 on_progress: Callable[[float, str], None] | None = None) -> np.ndarray:
-    """[L, E, B] ``||Q_b(W) - W||_F^2`` summed over each expert's gate/up/down (sorted ``bits``).
-
-    A projection that stays 16-bit because of its shape (``mopeq.memory.quantizable``) and a
-    width of 16 add 0. Cached through ``mopeq.cache`` when ``fingerprint`` is given.
-    """
-    from mopeq import cache
-
-    bits = _bit_set(bits)
-    key = None
-    if fingerprint is not None:
-        key = cache.make_key("quant_errors", {"fingerprint": fingerprint, "bits": list(bits),
-                                              "group_size": group_size, "sym": sym},
-                             QUANT_ERRORS_VERSION)
-        hit = cache.load("quant_errors", key)
-        if hit is not None and hit.arrays.get("errors") is not None:
-            return hit.arrays["errors"]
-    errors = _compute_errors(model, layout, bits, group_size, sym, on_progress)
-    if key is not None:
-        cache.save("quant_errors", key, {"bits": list(bits), "group_size": group_size,
-                                         "sym": sym}, {"errors": errors})
-    return errors
-
-
-def _compute_errors(model, layout: MoELayout, bits: tuple[int, ...], group_size: int, sym: bool,
-                    on_progress: Callable[[float, str], None] | None) -> np.ndarray:
-    import torch
-
-    from mopeq.moe import expert_weights
-
-    shape = LayoutArrays.of(layout).shape
-    errors = np.zeros((*shape, len(bits)))
-    with torch.no_grad():
-        for row in range(shape[0]):
-            for e in range(shape[1]):
-                for w in expert_weights(model, layout, row, e).values():
-                    if not quantizable(w.shape[0], w.shape[1], group_size):
-                        continue
-                    for j, b in enumerate(bits):
-                        if b < FP_BITS:
-                            errors[row, e, j] += float(((rtn(w, b, group_size, sym)
-                                                         - w.float()) ** 2).sum())
-            if on_progress is not None:
-                on_progress((row + 1) / shape[0], f"quantization errors: layer {row + 1}")
-    return errors
+__all__ = ["AllocConfig", "BitMap", "allocate", "pareto", "predicted_loss", "quant_errors",
+           "rtn", "snap_per_layer", "solve_mckp", "DP_MAX_CELLS", "DP_MAX_ITEMS", "SOLVERS"]

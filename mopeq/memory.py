@@ -67,6 +67,21 @@ class MemoryConfig:
             raise ValueError(f"base_bits must be an int in 1..16, got {self.base_bits!r}")
 
 
+def bit_set(bits) -> tuple[int, ...]:
+    """Validate a collection of bit widths; return them sorted and de-duplicated."""
+    try:
+        values = tuple(bits)
+    except TypeError:
+        raise ValueError(f"bits must be a collection of bit widths, got {bits!r}") from None
+    if not values:
+        raise ValueError("bits is empty: give at least one bit width, e.g. bits=(2, 3, 4)")
+    bad = [b for b in values if isinstance(b, bool) or not isinstance(b, (int, np.integer))
+           or not 1 <= b <= FP_BITS]
+    if bad:
+        raise ValueError(f"bit widths must be ints in 1..16, got {bad}")
+    return tuple(sorted({int(b) for b in values}))
+
+
 def quantizable(out_features, in_features, group_size: int):
     """Whether linears of these shapes can be quantized (else they stay 16-bit).
 

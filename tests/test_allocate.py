@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from mopeq import allocate as A
 from mopeq.allocate import (
     AllocConfig,
     BitMap,
@@ -467,7 +466,9 @@ def test_quant_errors_are_cached_by_fingerprint(olmoe, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("recomputed despite a cache entry")
 
-    monkeypatch.setattr(A, "_compute_errors", boom)
+    from mopeq import qerror
+
+    monkeypatch.setattr(qerror, "_compute_errors", boom)
     np.testing.assert_array_equal(
         quant_errors(model, layout, (2, 3), group_size=32, fingerprint="fp-test"), first)
     with pytest.raises(AssertionError):
