@@ -8,9 +8,9 @@ that also occurs in the held-out split, so the two never overlap.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-import itertools
 from functools import cache, lru_cache
 
 import numpy as np

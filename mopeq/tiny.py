@@ -218,7 +218,7 @@ class Phase:
 DEFAULT_PHASES = (
     Phase(steps=6000, lr=2e-3, stop_at=None),
     Phase(steps=2500, lr=1e-3, warmup=100, decay_fraction=0.4, stream_seed=3,
-          weights=(("existence", 1.0), ("count", 2.0), ("position", 3.0), ("color", 0.5),
+          weights=(("existence", 1.5), ("count", 2.0), ("position", 3.0), ("color", 0.5),
                    ("OCR", 0.5))),
 )
 
