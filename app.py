@@ -1,39 +1,710 @@
 """mopeq Gradio app (Hugging Face Spaces entry point): wiring only, no numerics.
 
-Placeholder until the app issue lands: it starts, loads nothing at import, and shows the MoE
-layout of a model on request.
+The page walks the MoPEQ flow: load a model, see per-expert sensitivity (layers x experts),
+tune the bit allocation while the bits, memory estimate and Pareto view follow every change,
+quantize and evaluate on a quick MME subset, and export. On start the embedded model is loaded
+and its paper-faithful (``frobenius``, exact) heatmap, default allocation and memory estimate
+are drawn without a click.
+
+The main steps are also public, stateless API endpoints keyed by the model source, for
+``gradio_client`` scripts and notebooks: ``/load_model``, ``/profile``, ``/allocate`` and
+``/quantize_evaluate`` (see ``API_EXAMPLE``). Figures come from ``mopeq.plots``; everything
+else from ``mopeq.app_state`` and the library. Run locally with ``python app.py``.
 """
 
-from __future__ import annotations
+import functools
+import logging
+from types import SimpleNamespace
 
 import gradio as gr
 
+from mopeq import app_state as st
 
-def inspect_model(source: str) -> dict:
-    """Layout summary of a model, for the page."""
-    from mopeq.models import load_model
-    from mopeq.moe import discover
+LOG = logging.getLogger("mopeq.app")
+BIT_CHOICES = [2, 3, 4, 8]
+VIEWS = [("score", "score"), ("standard error", "stderr"),
+         ("routing frequency / coverage", "tokens"), ("assigned bits", "bits")]
+PROJECTIONS = ["total", "gate", "up", "down"]
+EXAMPLES = [["embedded"], ["allenai/OLMoE-1B-7B-0924"], ["Qwen/Qwen3-VL-30B-A3B-Instruct"]]
+API_EXAMPLE = """```python
+from gradio_client import Client
 
-    try:
-        info = discover(load_model(source).model).to_json()
-    except ValueError as exc:
-        raise gr.Error(str(exc)) from None
-    info.pop("experts")
-    return info
+client = Client("http://127.0.0.1:7860/")  # or the Space id, e.g. "user/mopeq"
+layout = client.predict(source="embedded", api_name="/load_model")
+scores = client.predict(source="embedded", method="frobenius", closed_form=True,
+                        api_name="/profile")
+alloc = client.predict(source="embedded", method="kmeans", clusters=3, bits=[2, 3, 4],
+                       api_name="/allocate")
+print(alloc["avg_bits"], alloc["memory"]["total_bytes"], alloc["deployable_fused"])
+run = client.predict(source="embedded", clusters=3, bits=[2, 3, 4], mode="rtn", pairs=20,
+                     api_name="/quantize_evaluate")
+print(run["score"], run["baseline_score"], run["per_category"])
+```"""
+# gradio passes per-call trackers through these defaults (it keys them by event, not instance)
+PROGRESS, TRACKED = gr.Progress(), gr.Progress(track_tqdm=True)
+TRUST_WARNING = ("trust_remote_code is on: loading will run Python code from the model's "
+                 "repository on this machine. Only do this for authors you trust.")
 
 
-def build_demo() -> gr.Blocks:
-    """Build the page (cheap: no model is loaded here)."""
-    with gr.Blocks(title="mopeq") as demo:
-        gr.Markdown("# mopeq: per-expert mixed-precision quantization of MoE models")
-        source = gr.Textbox(value="embedded", label="Model (embedded, local folder or hub id)")
-        button = gr.Button("Inspect")
-        out = gr.JSON(label="MoE layout")
-        button.click(inspect_model, source, out, api_name="load_model")
+# ------------------------------------------------------------------------ error handling
+
+
+def readable_errors(fn):
+    """Turn library errors into ``gr.Error`` messages on the page (never a stack trace)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except st.Cancelled:
+            raise gr.Error("Cancelled.", title="Cancelled", print_exception=False) from None
+        except ValueError as exc:  # ModelLoadError, NotMoEError and bad settings are ValueErrors
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception as exc:  # noqa: BLE001 - shown to the user, logged for the developer
+            LOG.exception("unexpected error in %s", fn.__name__)
+            raise gr.Error(f"Unexpected {type(exc).__name__}: {exc}",
+                           print_exception=False) from None
+
+    return wrapper
+
+
+def _reporter(progress: gr.Progress):
+    """Adapt ``gr.Progress`` to the library's ``on_progress(fraction, message)``."""
+    return lambda fraction, message: progress(fraction, desc=message)
+
+
+# ------------------------------------------------------------------------ text helpers
+
+
+def _size(n_bytes: int) -> str:
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:.2f} GB"
+    return f"{n_bytes / 1e6:.2f} MB ({n_bytes / 1e9:.4f} GB)"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return str(n)
+
+
+def layout_text(info: dict) -> str:
+    """One paragraph on the model's MoE structure."""
+    layers = ", ".join(str(i) for i in info["moe_layers"])
+    shared = info["num_shared_experts"]
+    return (f"**{info['source']}** · `{info['model_type']}` ({info['kind']}) · "
+            f"**{info['num_moe_layers']} MoE layers** (decoder layers {layers}) × "
+            f"**{info['num_experts']} routed experts**, top-{info['top_k']} · "
+            f"{shared} shared expert{'s' if shared != 1 else ''} · "
+            f"{'fused' if info['fused'] else 'per-module'} experts · "
+            f"{_count(info['params']['total'])} parameters: " + ", ".join(
+                f"{k.replace('_', ' ')} {_count(v)}" for k, v in info["params"].items()
+                if v and k != "total"))
+
+
+def memory_text(alloc) -> str:
+    """GB, ratio vs bf16 and bits per weight of an allocation."""
+    mem, bm = alloc.memory, alloc.bitmap
+    kept = (f" · {mem.kept_16bit} linear(s) kept 16-bit (shape)" if mem.kept_16bit else "")
+    return (f"### {_size(mem.total_bytes)} · {mem.ratio:.2f}× smaller than bf16\n"
+            f"{bm.avg_bits:.2f} bits per expert weight ({mem.avg_bits_experts:.2f} with scales) · "
+            f"{mem.avg_bits_all:.2f} bits per weight overall · bf16: {_size(mem.bf16_bytes)}"
+            f"{kept}")
+
+
+def deploy_badge(bitmap) -> str:
+    """Whether fused-MoE engines can load the map."""
+    if bitmap.deployable_fused:
+        return ("✓ **Deployable in fused-MoE engines** (vLLM, SGLang, llama.cpp): one width "
+                "per MoE layer.")
+    return ("⚠ **Per-expert widths**: loads with transformers / auto-round; for vLLM or "
+            "llama.cpp choose *snap per layer*.")
+
+
+def profile_text(score, cached: bool) -> str:
+    """What was computed, how, and whether it came from the cache."""
+    meta = score.meta
+    how = meta.get("settings", {})
+    detail = ("exact closed form" if how.get("closed_form") else
+              f"{meta['probes']} probes" if meta.get("probes") else
+              f"{how['probes']} probes" if "probes" in how else "")
+    badge = "⚡ **cached** — served at once" if cached else f"computed in {meta['elapsed_s']:.2f} s"
+    cover = (f" · token coverage {meta['coverage']:.0%}" if meta.get("coverage") is not None
+             else "")
+    return f"**{score.method}** ({detail or 'routing counts'}) · {badge}{cover}"
+
+
+def run_text(summary: dict) -> str:
+    """One line on a quantize-and-evaluate run."""
+    return (f"**{summary['label']}** ({summary['mode']}): MME score **{summary['score']:.1f}** "
+            f"vs {summary['baseline_score']:.1f} baseline (Δ {summary['delta']:+.1f}) on "
+            f"{summary['pairs']} image pairs · KL {summary['kl']:.4f} · "
+            f"{summary['flip_rate']:.0%} answers flipped · {_size(int(summary['gb'] * 1e9))} · "
+            f"quantized in {summary['quantize_s']:.1f} s")
+
+
+# ------------------------------------------------------------------------ public API
+
+
+class Api:
+    """Stateless endpoints keyed by the model source (what ``gradio_client`` calls)."""
+
+    def __init__(self, models: st.ModelCache):
+        self.models = models
+
+    def load_model(self, source: str = "embedded", trust_remote_code: bool = False) -> dict:
+        """Load a model and describe its MoE layout.
+
+        Args:
+            source: "embedded", a local Hugging Face folder, or a hub id.
+            trust_remote_code: let the model's own code run (only for authors you trust).
+        """
+        return st.layout_summary(self.models.get(source, trust_remote_code))
+
+    def profile(self, source: str = "embedded", method: str = "frobenius", probes: int = 0,
+                closed_form: bool = True, trust_remote_code: bool = False) -> dict:
+        """Per-expert sensitivity scores (served from the cache when known: cache_hit).
+
+        Args:
+            source: the model source, as for load_model.
+            method: frobenius | hessian | fisher | frequency.
+            probes: Hutchinson probes (0: the method's default, frobenius 100, hessian 64).
+            closed_form: frobenius only: the exact value instead of probes.
+            trust_remote_code: as for load_model.
+        """
+        entry = self.models.get(source, trust_remote_code)
+        score, cached = st.scores(entry, st.ScoreSpec(method, probes, closed_form))
+        return {**score.to_json(), "cache_hit": cached, "layers": entry.layout.moe_layers}
+
+    def allocate(self, source: str = "embedded", score_method: str = "frobenius",
+                 method: str = "kmeans", clusters: int = 3, bits: list[int] | None = None,
+                 scope: str = "model", log_scores: bool = False, target_bits: float = 3.0,
+                 uniform_bits: int = 4, group_size: int = 128, base_bits: int = 4,
+                 snap: str = "none", probes: int = 0, closed_form: bool = True,
+                 trust_remote_code: bool = False) -> dict:
+        """Bits per expert and the memory estimate (bits, avg_bits, deployable_fused, memory).
+
+        Args:
+            source: the model source, as for load_model.
+            score_method: the scores to allocate by (frequency allocation uses routing counts).
+            method: kmeans | budget | uniform | frequency | random.
+            clusters: C, the number of k-means clusters.
+            bits: the allowed widths, e.g. [2, 3, 4] (default [2, 3, 4]).
+            scope: model (one clustering) or layer (one per MoE layer).
+            log_scores: cluster on log-scores.
+            target_bits: budget only: average bits per expert weight.
+            uniform_bits: uniform only: the width of every expert.
+            group_size: weights per scale group (32, 64, 128).
+            base_bits: bits of attention, dense MLP and shared experts (16: unquantized).
+            snap: one width per layer for fused engines: none | mean | max | min.
+            probes: the scores' probes, as for profile.
+            closed_form: the scores' closed form, as for profile.
+            trust_remote_code: as for load_model.
+        """
+        settings = st.AllocSettings.of(method, clusters, bits, scope, log_scores, target_bits,
+                                       uniform_bits, group_size, base_bits, snap)
+        entry, score = self._setup(source, trust_remote_code, score_method, probes,
+                                   closed_form, settings)
+        alloc = st.allocation(entry, score, settings)
+        return {**alloc.to_json(), "score_method": score.method,
+                "clusters": alloc.bitmap.clusters_table(score.scores)}
+
+    def quantize_evaluate(self, source: str = "embedded", score_method: str = "frobenius",
+                          method: str = "kmeans", clusters: int = 3,
+                          bits: list[int] | None = None, scope: str = "model",
+                          log_scores: bool = False, target_bits: float = 3.0,
+                          uniform_bits: int = 4, group_size: int = 128, base_bits: int = 4,
+                          snap: str = "none", mode: str = "rtn", pairs: int = 50,
+                          probes: int = 0, closed_form: bool = True,
+                          trust_remote_code: bool = False) -> dict:
+        """Quantize with the allocation, then evaluate baseline and quantized on quick MME.
+
+        Args:
+            source: the model source, as for load_model.
+            score_method: as for allocate.
+            method: as for allocate.
+            clusters: as for allocate.
+            bits: as for allocate.
+            scope: as for allocate.
+            log_scores: as for allocate.
+            target_bits: as for allocate.
+            uniform_bits: as for allocate.
+            group_size: as for allocate.
+            base_bits: as for allocate.
+            snap: as for allocate.
+            mode: rtn (round to nearest, data-free) or tuned (SignRound on local data).
+            pairs: image pairs of the quick MME subset.
+            probes: as for allocate.
+            closed_form: as for allocate.
+            trust_remote_code: as for load_model.
+        """
+        settings = st.AllocSettings.of(method, clusters, bits, scope, log_scores, target_bits,
+                                       uniform_bits, group_size, base_bits, snap)
+        entry, score = self._setup(source, trust_remote_code, score_method, probes,
+                                   closed_form, settings)
+        alloc = st.allocation(entry, score, settings, with_pareto=False)
+        run = st.quantize_evaluate(entry, alloc, settings, mode, pairs)
+        return st.run_summary(run, pairs)
+
+    def _setup(self, source, trust, score_method, probes, closed_form, settings):
+        entry = self.models.get(source, trust)
+        spec = st.ScoreSpec(settings.score_method(score_method), probes, closed_form)
+        score, _ = st.scores(entry, spec)
+        return entry, score
+
+
+# ------------------------------------------------------------------------ page events
+
+
+class Handlers:
+    """The page's events: read widget values (a dict), update the session, return updates."""
+
+    def __init__(self, models: st.ModelCache, w: SimpleNamespace):
+        self.models, self.w = models, w
+
+    # -- helpers
+
+    def _entry(self, state: st.SessionState) -> st.ModelEntry:
+        if state.key is None:
+            raise gr.Error("Load a model first.", print_exception=False)
+        return self.models.get(*state.key)
+
+    def _settings(self, v: dict) -> st.AllocSettings:
+        w = self.w
+        return st.AllocSettings.of(v[w.alloc_method], v[w.clusters], v[w.bits], v[w.scope],
+                                   v[w.log_scores], v[w.target_bits], v[w.uniform_bits],
+                                   v[w.group_size], v[w.base_bits], v[w.snap], v[w.seed])
+
+    def _scores(self, state, entry, method: str, v: dict, on_progress=st._noop):
+        """The session's scores for ``method``, computed (with the page's probes) if missing."""
+        if method not in state.scores:
+            spec = st.ScoreSpec(method, v.get(self.w.probes, 0), v.get(self.w.closed_form, True))
+            state.scores[method], _ = st.scores(entry, spec, on_progress)
+        return state.scores[method]
+
+    def _method_choices(self, state, view: str | None = None) -> dict:
+        """Dropdown updates listing the methods this session has computed."""
+        w, names = self.w, list(state.scores)
+        return {w.score_source: gr.update(choices=names),
+                w.view_method: gr.update(choices=names, value=view) if view else
+                gr.update(choices=names)}
+
+    def _alloc_updates(self, state, entry, v: dict) -> dict:
+        from mopeq import plots
+
+        w, settings = self.w, self._settings(v)
+        score = self._scores(state, entry, settings.score_method(v[w.score_source]), v)
+        alloc = state.allocation = st.allocation(entry, score, settings)
+        labels = entry.layout.moe_layers
+        pareto = (plots.pareto_curve(alloc.pareto, current=alloc.current) if alloc.pareto
+                  else None)
+        return {w.bits_plot: plots.bits_heatmap(alloc.bitmap.bits, layer_labels=labels,
+                                                scores=score.scores),
+                w.clusters_df: st.clusters_table(alloc, score),
+                w.memory_md: memory_text(alloc), w.deploy_md: deploy_badge(alloc.bitmap),
+                w.memory_plot: plots.memory_breakdown(alloc.memory.breakdown,
+                                                      reference=st.bf16_breakdown(entry)),
+                w.pareto_plot: pareto}
+
+    def _view_updates(self, state, entry, v: dict) -> dict:
+        w = self.w
+        fig = self._view_figure(state, entry, v[w.view_method], v[w.view_kind], v[w.projection],
+                                v[w.log_view], v)
+        return {w.heatmap: fig}
+
+    def _view_figure(self, state, entry, method, kind, projection, log, v):
+        from mopeq import plots
+
+        score = self._scores(state, entry, method, v)
+        bits = None if state.allocation is None else state.allocation.bitmap.bits
+        labels = entry.layout.moe_layers
+        if kind == "bits" and bits is not None:
+            return plots.bits_heatmap(bits, layer_labels=labels, scores=score.scores)
+        if kind == "tokens":
+            routed = score if score.tokens is not None else self._scores(state, entry,
+                                                                         "frequency", v)
+            cover = routed.meta.get("coverage")
+            return plots.sensitivity_heatmap(
+                routed.tokens, title=f"Routing: top-k assignments per expert — {cover:.0%} "
+                "of experts get tokens", layer_labels=labels, bits=bits, log=log,
+                colorbar_title="tokens")
+        if kind == "stderr" and score.stderr is not None:
+            return plots.sensitivity_heatmap(score.stderr, title=f"{method}: standard error",
+                                             layer_labels=labels, bits=bits, log=log,
+                                             colorbar_title="stderr")
+        if kind == "stderr":
+            gr.Info(f"{method} has no standard error here (exact or counted); showing scores.")
+        values = score.scores if projection == "total" else score.per_projection[projection]
+        name = method if projection == "total" else f"{method} ({projection})"
+        return plots.sensitivity_heatmap(
+            values, title=f"Sensitivity: {name}", layer_labels=labels, bits=bits, log=log,
+            stderr=score.stderr if projection == "total" else None, colorbar_title=name)
+
+    # -- events
+
+    @readable_errors
+    def load(self, v: dict, progress=PROGRESS) -> dict:
+        """Load the model and its paper-faithful scores (``allocate`` follows; the first view)."""
+        w, state = self.w, v[self.w.state]
+        progress(0.1, desc=f"loading {v[w.source]}")
+        key = self.models.key(v[w.source], v[w.trust])
+        entry = self.models.get(*key)
+        state.use_model(key)
+        score, cached = st.scores(entry, st.ScoreSpec("frobenius", closed_form=True))
+        state.scores["frobenius"] = score  # the paper's score, whatever was shown before
+        info = st.layout_summary(entry)
+        names = list(state.scores)
+        return {w.layout_md: layout_text(info), w.params_df: st.layout_table(info),
+                w.profile_md: profile_text(score, cached),
+                w.score_source: gr.update(choices=names, value="frobenius"),
+                w.view_method: gr.update(choices=names, value="frobenius")}
+
+    @readable_errors
+    def profile(self, v: dict, progress=TRACKED) -> dict:
+        """Compute (or fetch) one method's scores and show them (``allocate`` follows)."""
+        w, state = self.w, v[self.w.state]
+        entry = self._entry(state)
+        flag = state.new_job("profile")
+        spec = st.ScoreSpec(v[w.method], v[w.probes], v[w.closed_form])
+        score, cached = st.scores(entry, spec, st.cancellable(flag, _reporter(progress)))
+        state.scores[spec.method] = score
+        return {w.profile_md: profile_text(score, cached),
+                **self._method_choices(state, view=spec.method)}
+
+    @readable_errors
+    def allocate(self, v: dict) -> dict:
+        """Live: bits, clusters, memory, badge, Pareto and the heatmap's bits."""
+        state = v[self.w.state]
+        entry = self._entry(state)
+        return {**self._alloc_updates(state, entry, v), **self._view_updates(state, entry, v)}
+
+    @readable_errors
+    def view(self, v: dict) -> dict:
+        """Redraw the heatmap for the chosen view."""
+        state = v[self.w.state]
+        return self._view_updates(state, self._entry(state), v)
+
+    @readable_errors
+    def compare(self, v: dict, progress=TRACKED) -> dict:
+        """Two methods side by side with their rank correlation (computes what is missing)."""
+        from mopeq import plots
+
+        w, state = self.w, v[self.w.state]
+        entry = self._entry(state)
+        flag = state.new_job("profile")
+        report = st.cancellable(flag, _reporter(progress))
+        a, b = (self._scores(state, entry, v[c], v, report) for c in (w.compare_a, w.compare_b))
+        fig = plots.compare_heatmaps(a.scores, b.scores, names=(a.method, b.method),
+                                     layer_labels=entry.layout.moe_layers, log=v[w.log_view])
+        return {w.compare_plot: fig, **self._method_choices(state)}
+
+    @readable_errors
+    def quantize(self, v: dict, progress=TRACKED) -> dict:
+        """Quantize with the current map, evaluate, and add the run to the session."""
+        from mopeq import plots
+
+        w, state = self.w, v[self.w.state]
+        entry, settings = self._entry(state), self._settings(v)
+        score = self._scores(state, entry, settings.score_method(v[w.score_source]), v)
+        alloc = st.allocation(entry, score, settings, with_pareto=False)
+        group = st.run_group({"method": settings.method, "scores": score.method})
+        label = f"#{len(state.runs) + 1} {group} {alloc.bitmap.avg_bits:.2f}b"
+        flag = state.new_job("quantize")
+        run = st.quantize_evaluate(entry, alloc, settings, v[w.mode], v[w.pairs], label,
+                                   st.cancellable(flag, _reporter(progress)))
+        summary = st.run_summary(run, v[w.pairs])
+        state.last_run = run
+        state.runs.append(summary)
+        bars = {"baseline": {c: r["baseline"] for c, r in summary["comparison"].items()},
+                run.label: summary["per_category"]}
+        points = st.tradeoff_points(state.runs, alloc.memory.bf16_bytes / 1e9)
+        return {w.run_md: run_text(summary), w.category_df: st.category_table(run),
+                w.results_plot: plots.results_bars(bars, title="MME per category"),
+                w.tradeoff_plot: plots.tradeoff_scatter(points),
+                w.runs_df: st.runs_table(state.runs)}
+
+    @readable_errors
+    def export(self, v: dict, progress=PROGRESS) -> dict:
+        """Write the downloads into a fresh temporary folder."""
+        w, state = self.w, v[self.w.state]
+        entry = self._entry(state)
+        progress(0.2, desc="writing files")
+        score = self._scores(state, entry, v[w.score_source], v)
+        bits = None if state.allocation is None else state.allocation.bitmap.bits.tolist()
+        files = st.export_files(entry, score, bits, state.last_run, state.export_folder())
+        note = ("Recipe, engine snippets and checkpoint of run "
+                f"**{state.last_run.label}**." if state.last_run else
+                "Scores only: quantize first to export the recipe, snippets and checkpoint.")
+        return {w.files: files, w.export_md: note}
+
+    @staticmethod
+    def cancel(kind: str):
+        """A handler that flags the session's running job of ``kind``."""
+        def handler(state: st.SessionState) -> None:
+            if state.cancel(kind):
+                gr.Info(f"Cancelling the {kind} job…")
+
+        return handler
+
+    @staticmethod
+    def warn_trust(trust: bool) -> None:
+        """Warn when ``trust_remote_code`` is ticked."""
+        if trust:
+            gr.Warning(TRUST_WARNING)
+
+    @staticmethod
+    def probes_default(method: str) -> dict:
+        """The paper's probe count for frobenius, the Hessian default otherwise."""
+        return gr.update(value=100 if method == "frobenius" else 64)
+
+    def method_controls(self, method: str) -> dict:
+        """Show the controls the allocation method uses."""
+        w, clustered = self.w, method in ("kmeans", "frequency", "random")
+        return {w.clusters: gr.update(visible=clustered), w.scope: gr.update(visible=clustered),
+                w.log_scores: gr.update(visible=method in ("kmeans", "frequency")),
+                w.target_bits: gr.update(visible=method == "budget"),
+                w.uniform_bits: gr.update(visible=method == "uniform")}
+
+
+# ------------------------------------------------------------------------ layout
+
+
+def _model_row(w: SimpleNamespace) -> None:
+    with gr.Row():
+        w.source = gr.Textbox(value=st.EMBEDDED, label="Model", scale=5, elem_id="source",
+                              info="'embedded' (the tiny MoE VLM shipped here), a local folder "
+                                   "or a Hugging Face hub id")
+        w.trust = gr.Checkbox(value=False, label="trust_remote_code", scale=2,
+                              info="⚠ runs the model repository's Python code")
+        with gr.Column(scale=1, min_width=80):
+            w.load_btn = gr.Button("Load", variant="primary")
+    with gr.Row(equal_height=True):
+        w.layout_md = gr.Markdown("Loading the embedded model…", elem_id="layout-text")
+    with gr.Accordion("Parameters by component · other models", open=False):
+        w.params_df = gr.Dataframe(headers=["component", "parameters", "share"],
+                                   interactive=False)
+        gr.Examples(EXAMPLES, inputs=[w.source], cache_examples=False,
+                    label="Examples (hub models need a network and their RAM)")
+
+
+def _sensitivity_panel(w: SimpleNamespace, methods) -> None:
+    gr.Markdown("## 1 · Sensitivity")
+    with gr.Row(equal_height=True):
+        w.method = gr.Dropdown(list(methods), value="frobenius", label="Method", min_width=120,
+                               elem_id="method")
+        w.probes = gr.Slider(2, 256, value=100, step=1, label="Probes")
+        w.closed_form = gr.Checkbox(value=True, label="frobenius: exact closed form")
+        with gr.Column(min_width=120):
+            w.profile_btn = gr.Button("Compute", variant="primary", size="md",
+                                      elem_id="profile-btn")
+            w.profile_cancel = gr.Button("Cancel", variant="stop", size="md")
+    w.profile_md = gr.Markdown(elem_id="profile-status")
+    w.heatmap = gr.Plot(label="Layers × experts", elem_id="heatmap")
+    with gr.Row(equal_height=True):
+        w.view_method = gr.Dropdown(["frobenius"], value="frobenius", label="Show scores of",
+                                    min_width=120)
+        w.view_kind = gr.Dropdown(VIEWS, value="score", label="View", min_width=120,
+                                  elem_id="view-kind")
+        w.projection = gr.Dropdown(PROJECTIONS, value="total", label="Projection",
+                                   min_width=100)
+        w.log_view = gr.Checkbox(value=False, label="Log colour scale", min_width=100)
+
+
+def _allocation_panel(w: SimpleNamespace, methods) -> None:
+    gr.Markdown("## 2 · Allocate bits (updates live)")
+    w.memory_md = gr.Markdown(elem_id="memory-text")
+    w.deploy_md = gr.Markdown(elem_id="deploy-badge")
+    with gr.Row():
+        w.score_source = gr.Dropdown(["frobenius"], value="frobenius", label="Scores",
+                                     min_width=120)
+        w.alloc_method = gr.Dropdown(list(methods), value="kmeans", label="Allocation",
+                                     min_width=120)
+        w.snap = gr.Dropdown(["none", "mean", "max", "min"], value="none", min_width=120,
+                             label="Snap per layer", elem_id="snap")
+    with gr.Row():
+        w.clusters = gr.Slider(1, 8, value=3, step=1, label="Clusters C", elem_id="clusters")
+        w.target_bits = gr.Slider(2.0, 8.0, value=3.0, step=0.05, visible=False,
+                                  label="Target average bits (budget)")
+        w.uniform_bits = gr.Dropdown(BIT_CHOICES, value=4, visible=False, label="Uniform bits")
+        w.bits = gr.CheckboxGroup(BIT_CHOICES, value=[2, 3, 4], label="Bit widths",
+                                  elem_id="bits")
+    with gr.Row(equal_height=True):
+        w.scope = gr.Radio([("model-wise", "model"), ("layer-wise", "layer")], value="model",
+                           label="Scope")
+        w.log_scores = gr.Checkbox(value=False, label="Cluster log-scores")
+    with gr.Row():
+        w.group_size = gr.Dropdown([32, 64, 128], value=128, label="Group size", min_width=80)
+        w.base_bits = gr.Dropdown([2, 3, 4, 8, 16], value=4, label="Base bits (non-expert)",
+                                  min_width=80)
+        w.seed = gr.Number(value=0, precision=0, label="Seed", min_width=80)
+
+
+def _allocation_results(w: SimpleNamespace) -> None:
+    with gr.Row():
+        w.memory_plot = gr.Plot(label="Memory by component", elem_id="memory-plot")
+        w.bits_plot = gr.Plot(label="Assigned bits", elem_id="bits-plot")
+    with gr.Row():
+        w.pareto_plot = gr.Plot(label="Memory vs predicted loss", elem_id="pareto-plot")
+        w.clusters_df = gr.Dataframe(headers=list(st.CLUSTER_COLUMNS), label="Clusters",
+                                     interactive=False, elem_id="clusters-table")
+    with gr.Accordion("Compare two methods (rank correlation)", open=False):
+        with gr.Row(equal_height=True):
+            w.compare_a = gr.Dropdown(list(st.SCORE_METHODS), value="frobenius", label="Left")
+            w.compare_b = gr.Dropdown(list(st.SCORE_METHODS), value="frequency", label="Right")
+            w.compare_btn = gr.Button("Compare")
+        w.compare_plot = gr.Plot(label="Side by side", elem_id="compare-plot")
+
+
+def _quantize_panel(w: SimpleNamespace) -> None:
+    gr.Markdown("## 3 · Quantize and evaluate")
+    with gr.Row(equal_height=True):
+        w.mode = gr.Radio([("RTN (data-free)", "rtn"), ("tuned (SignRound)", "tuned")],
+                          value="rtn", label="Mode")
+        w.pairs = gr.Slider(10, 200, value=50, step=10, label="MME image pairs")
+        with gr.Column(min_width=160):
+            w.quantize_btn = gr.Button("Quantize + evaluate", variant="primary",
+                                       elem_id="quantize-btn")
+            w.quantize_cancel = gr.Button("Cancel", variant="stop")
+    w.run_md = gr.Markdown(elem_id="run-text")
+    with gr.Row():
+        w.category_df = gr.Dataframe(headers=["category", "baseline", "quantized", "delta"],
+                                     label="Per category", interactive=False,
+                                     elem_id="category-table")
+        w.results_plot = gr.Plot(label="Baseline vs quantized", elem_id="results-plot")
+    with gr.Row():
+        w.tradeoff_plot = gr.Plot(label="Your runs: memory vs score", elem_id="tradeoff-plot")
+        w.runs_df = gr.Dataframe(headers=list(st.RUN_COLUMNS), interactive=False,
+                                 label="Your runs (this session)", elem_id="runs-table")
+
+
+def _export_panel(w: SimpleNamespace) -> None:
+    gr.Markdown("## 4 · Export")
+    with gr.Row(equal_height=True):
+        w.export_btn = gr.Button("Export recipe, scores, snippets, checkpoint",
+                                 elem_id="export-btn")
+        w.export_md = gr.Markdown(elem_id="export-text")
+    w.files = gr.File(label="Downloads", file_count="multiple", interactive=False,
+                      elem_id="downloads")
+    with gr.Accordion("Use the API (gradio_client)", open=False):
+        gr.Markdown(API_EXAMPLE)
+
+
+def build_layout(w: SimpleNamespace) -> None:
+    """Place every component (inside a ``gr.Blocks`` context)."""
+    gr.Markdown("# mopeq · per-expert mixed-precision quantization of MoE models\n"
+                "See which experts are sensitive, pick bits per expert while the memory "
+                "follows, quantize, and check accuracy on a quick MME subset "
+                "([MoPEQ](https://arxiv.org/abs/2509.02512)).")
+    w.state = gr.State(st.SessionState(), delete_callback=st.SessionState.close)
+    _model_row(w)
+    with gr.Row():
+        with gr.Column(scale=3):
+            _sensitivity_panel(w, st.SCORE_METHODS)
+        with gr.Column(scale=2):
+            _allocation_panel(w, st.ALLOC_METHODS)
+    _allocation_results(w)
+    _quantize_panel(w)
+    _export_panel(w)
+
+
+# ------------------------------------------------------------------------ wiring
+
+
+def _outputs(w: SimpleNamespace, *names: str) -> list:
+    return [getattr(w, n) for n in names]
+
+
+ALLOC_OUT = ("bits_plot", "clusters_df", "memory_md", "deploy_md", "memory_plot", "pareto_plot",
+             "heatmap")
+
+
+def _inputs(w: SimpleNamespace) -> set:
+    skip = {"load_btn", "profile_btn", "profile_cancel", "compare_btn", "quantize_btn",
+            "quantize_cancel", "export_btn", "layout_md", "params_df", "profile_md", "heatmap",
+            "bits_plot", "pareto_plot", "clusters_df", "memory_md", "deploy_md", "memory_plot",
+            "compare_plot", "run_md", "category_df", "results_plot", "tradeoff_plot", "runs_df",
+            "files", "export_md"}
+    return {c for n, c in vars(w).items() if n not in skip}
+
+
+def _private(name: str, group: str | None = None, limit: int = 1, **kw) -> dict:
+    """Settings of a page-only event (not callable by API clients)."""
+    return dict(api_name=f"page_{name}", api_visibility="private", concurrency_id=group,
+                concurrency_limit=limit, **kw)
+
+
+def wire(demo: gr.Blocks, h: Handlers, w: SimpleNamespace) -> None:
+    """Connect the page's events to the handlers.
+
+    Long jobs (load, profile, compare, quantize, export) have their own concurrency groups; the
+    live events (allocation, views) share a wide one, so they never queue behind a long job.
+    Whatever a long job changes upstream (scores, model) is followed by ``allocate``, which reads
+    the controls as they are *then*, not as they were when the job was started.
+    """
+    inputs, alloc_out = _inputs(w), _outputs(w, *ALLOC_OUT)
+    live = dict(trigger_mode="always_last", show_progress="hidden")
+    load_out = _outputs(w, "layout_md", "params_df", "profile_md", "score_source", "view_method")
+    for trigger in (demo.load, w.load_btn.click, w.source.submit):
+        trigger(h.load, inputs, load_out, **_private("load", "load", 2, show_progress_on=[
+            w.heatmap])).success(h.allocate, inputs, alloc_out, **_private("allocate", "live", 8))
+    w.trust.change(h.warn_trust, w.trust, None, **_private("trust"))
+    w.method.change(h.probes_default, w.method, w.probes, **_private("probes"))
+    profile = w.profile_btn.click(h.profile, inputs, _outputs(
+        w, "profile_md", "score_source", "view_method"), **_private(
+        "profile", "profile", 2, show_progress_on=[w.heatmap]))
+    profile.success(h.allocate, inputs, alloc_out, **_private("allocate", "live", 8))
+    compare = w.compare_btn.click(h.compare, inputs, _outputs(
+        w, "compare_plot", "score_source", "view_method"), **_private("compare", "profile", 2))
+    w.profile_cancel.click(h.cancel("profile"), w.state, None, cancels=[profile, compare],
+                           **_private("cancel_profile"))
+    for control in (w.score_source, w.alloc_method, w.clusters, w.bits, w.scope, w.log_scores,
+                    w.target_bits, w.uniform_bits, w.group_size, w.base_bits, w.snap, w.seed):
+        control.change(h.allocate, inputs, alloc_out, **_private("allocate", "live", 8, **live))
+    w.alloc_method.change(h.method_controls, w.alloc_method, _outputs(
+        w, "clusters", "scope", "log_scores", "target_bits", "uniform_bits"),
+        **_private("method", "live", 8, **live))
+    for control in (w.view_method, w.view_kind, w.projection, w.log_view):
+        control.change(h.view, inputs, w.heatmap, **_private("view", "live", 8, **live))
+    quantize = w.quantize_btn.click(h.quantize, inputs, _outputs(
+        w, "run_md", "category_df", "results_plot", "tradeoff_plot", "runs_df"),
+        **_private("quantize", "quantize", 1, show_progress_on=[w.results_plot]))
+    w.quantize_cancel.click(h.cancel("quantize"), w.state, None, cancels=[quantize],
+                            **_private("cancel_quantize"))
+    w.export_btn.click(h.export, inputs, _outputs(w, "files", "export_md"),
+                       **_private("export", "export", 1))
+
+
+def register_api(api: Api) -> None:
+    """The public endpoints (stable names for ``gradio_client``)."""
+    gr.api(readable_errors(api.load_model), api_name="load_model", concurrency_id="load",
+           concurrency_limit=2)
+    gr.api(readable_errors(api.profile), api_name="profile", concurrency_id="profile",
+           concurrency_limit=2)
+    gr.api(readable_errors(api.allocate), api_name="allocate", concurrency_id="live",
+           concurrency_limit=8)
+    gr.api(readable_errors(api.quantize_evaluate), api_name="quantize_evaluate",
+           concurrency_id="quantize", concurrency_limit=1)
+
+
+def build_demo(models: st.ModelCache | None = None) -> gr.Blocks:
+    """Build the page and its API (cheap: nothing is loaded until a page or a client asks).
+
+    Args:
+        models: the shared model cache (default: a new ``ModelCache`` of two models).
+    """
+    models = models or st.ModelCache()
+    w = SimpleNamespace()
+    with gr.Blocks(title="mopeq: per-expert quantization of MoE models",
+                   delete_cache=(3600, 7200)) as demo:  # served files older than 2 h go
+        build_layout(w)
+        register_api(Api(models))  # first: the public names are never taken
+        wire(demo, Handlers(models, w), w)
     return demo
 
 
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.launch()
+    demo.queue().launch()

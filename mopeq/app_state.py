@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 Progress = Callable[[float, str], None]
 EMBEDDED = "embedded"
+# the libraries' method names (tests check they match), here to keep ``import app`` light
+SCORE_METHODS = ("frobenius", "hessian", "fisher", "frequency")  # mopeq.sensitivity.METHODS
+ALLOC_METHODS = ("kmeans", "budget", "uniform", "frequency", "random")  # mopeq.allocate.METHODS
 CACHE_SIZE = 2  # loaded models kept; the free Spaces CPU has 16 GB
 MEMO_SIZE = 16  # scores / error tables remembered per model
 
@@ -101,7 +104,7 @@ class AllocSettings:
            target_bits=3.0, uniform_bits=4, group_size=128, base_bits=4, snap="none",
            seed=0) -> AllocSettings:
         """Build from widget values (floats from sliders, strings from dropdowns, None)."""
-        bits = () if bits is None else bits
+        bits = (2, 3, 4) if bits is None else bits  # None: the default; [] is an error
         return AllocSettings(str(method), int(clusters), tuple(int(b) for b in bits), str(scope),
                              bool(log_scores), float(target_bits), int(uniform_bits),
                              int(group_size), int(base_bits), str(snap or "none"), int(seed))
@@ -188,7 +191,7 @@ class ModelCache:
         Raises:
             ValueError: ``ModelLoadError`` or ``NotMoEError`` with a readable message.
         """
-        key = ((source or "").strip() or EMBEDDED, bool(trust_remote_code))
+        key = self.key(source, trust_remote_code)
         hit = self._hit(key)
         if hit is not None:
             return hit
@@ -203,6 +206,11 @@ class ModelCache:
                     while len(self.entries) > self.size:
                         self.entries.popitem(last=False)
         return hit
+
+    @staticmethod
+    def key(source: str, trust_remote_code: bool = False) -> tuple[str, bool]:
+        """The cache key of a source as typed (blank means the embedded model)."""
+        return (source or "").strip() or EMBEDDED, bool(trust_remote_code)
 
     def _hit(self, key) -> ModelEntry | None:
         with self.guard:
@@ -242,6 +250,7 @@ class SessionState:
         self.runs: list[dict] = []
         self.last_run: Run | None = None
         self.jobs: dict[str, threading.Event] = {}
+        self.export_dir: Path | None = None  # the latest downloads
 
     def __deepcopy__(self, memo) -> SessionState:
         # gradio deep-copies the initial value once per new session: start empty
@@ -250,8 +259,23 @@ class SessionState:
     def use_model(self, key: tuple[str, bool]) -> None:
         """Switch to another model; results of the previous one are dropped."""
         if key != self.key:
+            self.close()
             self.__init__()
             self.key = key
+
+    def export_folder(self) -> Path:
+        """A fresh temporary folder for downloads; the previous one (already served) goes."""
+        self.close(keep_run=True)
+        self.export_dir = Path(tempfile.mkdtemp(prefix="mopeq-export-"))
+        return self.export_dir
+
+    def close(self, keep_run: bool = False) -> None:
+        """Remove the downloads folder (and drop the quantized model unless ``keep_run``)."""
+        if self.export_dir is not None:
+            shutil.rmtree(self.export_dir, ignore_errors=True)
+            self.export_dir = None
+        if not keep_run:
+            self.last_run = None
 
     def new_job(self, kind: str) -> threading.Event:
         """A fresh cancel flag for a job of ``kind`` (an older job keeps its own)."""
@@ -300,6 +324,9 @@ def scores(entry: ModelEntry, spec: ScoreSpec,
         on_progress(1.0, f"{spec.method}: cached")
         return hit, True
     with entry.running(on_progress):
+        hit = entry.remembered(key)  # another session may have computed it while we waited
+        if hit is not None:
+            return hit, True
         result = pipeline.sensitivity(entry.loaded, entry.layout, spec.method, spec.config(),
                                       on_progress=on_progress)
     entry.remember(key, result)
@@ -367,7 +394,8 @@ def quantize_evaluate(entry: ModelEntry, alloc: Allocation, settings: AllocSetti
 def run_summary(run: Run, pairs: int) -> dict:
     """``Run.summary`` with the subset size and the per-category comparison."""
     per_cat = run.comparison["per_category"]
-    return {**run.summary(), "pairs": int(pairs),
+    return {**run.summary(), "scores": run.allocation.bitmap.meta.get("scores"),
+            "pairs": int(pairs),
             "comparison": {c: {"baseline": v["baseline"], "quantized": v["other"],
                                "delta": v["delta"]} for c, v in per_cat.items()}}
 
@@ -387,14 +415,17 @@ def layout_table(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+CLUSTER_COLUMNS = ("cluster", "bits", "experts", "score_min", "score_max", "centroid")
+
+
 def clusters_table(alloc: Allocation, score: Scores) -> pd.DataFrame:
     """One row per (cluster, bits): experts, score range, centroid."""
     import pandas as pd
 
     rows = alloc.bitmap.clusters_table(score.scores)
-    frame = pd.DataFrame(rows, columns=["cluster", "bits", "experts", "score_min", "score_max",
-                                        "centroid"])
-    return frame.sort_values(["bits", "cluster"], na_position="first").reset_index(drop=True)
+    frame = pd.DataFrame(rows, columns=list(CLUSTER_COLUMNS))
+    return _tidy(frame.sort_values(["bits", "cluster"], na_position="first")
+                 .reset_index(drop=True))
 
 
 def category_table(run: Run) -> pd.DataFrame:
@@ -405,10 +436,15 @@ def category_table(run: Run) -> pd.DataFrame:
              "delta": v["delta"]} for c, v in run.comparison["per_category"].items()]
     rows.append({"category": "total", "baseline": run.baseline.score,
                  "quantized": run.result.score, "delta": run.result.score - run.baseline.score})
-    return pd.DataFrame(rows)
+    return _tidy(pd.DataFrame(rows))
 
 
-RUN_COLUMNS = ("label", "mode", "pairs", "avg_bits", "gb", "ratio_vs_bf16", "score",
+def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
+    """Floats to four significant digits, for reading (exports keep full precision)."""
+    return frame.map(lambda x: float(f"{x:.4g}") if isinstance(x, float) else x)
+
+
+RUN_COLUMNS = ("label", "scores", "mode", "pairs", "avg_bits", "gb", "ratio_vs_bf16", "score",
                "baseline_score", "delta", "kl", "flip_rate", "deployable_fused", "quantize_s")
 
 
@@ -416,13 +452,19 @@ def runs_table(runs: list[dict]) -> pd.DataFrame:
     """The session's runs, one row each."""
     import pandas as pd
 
-    return pd.DataFrame([{k: r.get(k) for k in RUN_COLUMNS} for r in runs],
-                        columns=list(RUN_COLUMNS))
+    return _tidy(pd.DataFrame([{k: r.get(k) for k in RUN_COLUMNS} for r in runs],
+                              columns=list(RUN_COLUMNS)))
+
+
+def run_group(summary: dict) -> str:
+    """Allocation method and, where it matters, the scores it used: 'kmeans · hessian'."""
+    uses_scores = summary["method"] in ("kmeans", "budget", "random") and summary.get("scores")
+    return f"{summary['method']} · {summary['scores']}" if uses_scores else summary["method"]
 
 
 def tradeoff_points(runs: list[dict], bf16_gb: float) -> list[dict]:
     """The runs for ``plots.tradeoff_scatter``, with one baseline point per subset size."""
-    points = [dict(r) for r in runs]
+    points = [{**r, "method": run_group(r)} for r in runs]
     for pairs in sorted({r["pairs"] for r in runs}):
         base = next(r["baseline_score"] for r in runs if r["pairs"] == pairs)
         points.append({"method": "baseline", "avg_bits": 16.0, "gb": bf16_gb, "score": base,
@@ -446,15 +488,15 @@ def scores_frame(entry: ModelEntry, score: Scores, bits=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None) -> list[str]:
-    """Write the downloads into a fresh temporary folder; returns their paths.
+def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None,
+                 out: Path) -> list[str]:
+    """Write the downloads into the empty folder ``out``; returns their paths.
 
     Always the scores CSV; after a run, also the recipe JSON, the engine snippets and the
     quantized checkpoint as a zip.
     """
     from mopeq.quantize import export
 
-    out = Path(tempfile.mkdtemp(prefix="mopeq-export-"))
     csv = out / f"scores_{score.method}.csv"
     scores_frame(entry, score, bits).to_csv(csv, index=False)
     files = [str(csv)]
@@ -463,7 +505,7 @@ def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None) -> lis
     ckpt = export(run.quant, entry.layout, out / "checkpoint", source=entry.loaded.source,
                   fingerprint=entry.loaded.fingerprint,
                   bitmap_json=run.allocation.bitmap.to_json(),
-                  scores_summary={"method": score.method, "settings": score.meta.get("settings")},
+                  scores_summary={"method": run.allocation.bitmap.meta.get("scores")},
                   memory=run.allocation.memory.to_json(), processor=entry.loaded.processor)
     for name in ("recipe.json", "autoround_layer_config.py", "gptqmodel_dynamic.py",
                  "llama_cpp_tensor_types.txt"):

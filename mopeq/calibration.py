@@ -128,7 +128,7 @@ def _tiny_vlm_data(model, processor, n_batches, batch_size, seed) -> CalibData:
     from mopeq import tiny
 
     if processor is None:
-        processor = tiny.TinyVLMProcessor(tiny.build_tokenizer(), model.config.num_image_tokens)
+        processor = tiny.processor_for(model)
     samples = _samples(n_batches * batch_size, seed)
     batches = [_tiny_vlm_batch(samples[i * batch_size:(i + 1) * batch_size], processor)
                for i in range(n_batches)]

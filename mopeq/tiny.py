@@ -46,7 +46,8 @@ class TinyVLMConfig(PretrainedConfig):
     sub_configs = {"text_config": DeepseekV2Config}
 
     def __init__(self, text_config=None, image_size=64, grid=4, vision_width=64,
-                 image_token_id=4, num_cell_classes=(4, 6), num_words=9, **kwargs):
+                 image_token_id=4, num_cell_classes=(4, 6), num_words=9,
+                 repeat_question=False, **kwargs):
         if isinstance(text_config, dict):
             text_config = DeepseekV2Config(**text_config)
         self.text_config = text_config if text_config is not None else DeepseekV2Config()
@@ -56,6 +57,7 @@ class TinyVLMConfig(PretrainedConfig):
         self.image_token_id = image_token_id
         self.num_cell_classes = list(num_cell_classes)  # (shape incl. none, colour incl. none)
         self.num_words = num_words  # word classes incl. "no word"
+        self.repeat_question = repeat_question  # prompt: question, image, question again
         super().__init__(**kwargs)
 
     @property
@@ -162,17 +164,20 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 class TinyVLMProcessor:
     """Turns (image, question) pairs into model inputs; left-pads so answers come last."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, num_image_tokens: int = 16):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, num_image_tokens: int = 16,
+                 repeat_question: bool = False):
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
+        self.repeat_question = repeat_question
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
         self.answer_id = tokenizer.convert_tokens_to_ids("<answer>")
 
     def prompt_ids(self, question: str) -> list[int]:
-        """``<bos> question <image>*16 <answer>`` as token ids."""
+        """``<bos> question <image>*16 [question] <answer>`` as token ids."""
         q = self.tokenizer(question, add_special_tokens=False)["input_ids"]
+        again = q if self.repeat_question else []
         return [self.tokenizer.bos_token_id, *q, *[self.image_id] * self.num_image_tokens,
-                self.answer_id]
+                *again, self.answer_id]
 
     def __call__(self, images: Sequence[np.ndarray], questions: Sequence[str]) -> dict:
         """Batch inputs: ``input_ids``, ``attention_mask`` (left-padded), ``pixel_values``."""
@@ -188,6 +193,12 @@ class TinyVLMProcessor:
     def save_pretrained(self, path: str | Path) -> None:
         """Save the tokenizer (the processor has no other state)."""
         self.tokenizer.save_pretrained(path)
+
+
+def processor_for(model: TinyMoEVLM, tokenizer=None) -> TinyVLMProcessor:
+    """The processor that builds prompts the way ``model`` was trained to read them."""
+    return TinyVLMProcessor(tokenizer or build_tokenizer(), model.config.num_image_tokens,
+                            bool(getattr(model.config, "repeat_question", False)))
 
 
 def pixel_values(images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -210,6 +221,7 @@ class Phase:
     stop_at: int | None = None  # stop after this many steps of the schedule (by count)
     weights: tuple[tuple[str, float], ...] | None = None  # category emphasis (None: cycle)
     stream_seed: int = 1
+    repeat_question: bool | None = None  # switch the prompt format from this phase on
 
 
 # Phase 1 learns everything with captions and vision auxiliaries; phase 2 is a curriculum on
@@ -374,7 +386,8 @@ def new_model(recipe: TinyRecipe) -> tuple[TinyMoEVLM, TinyVLMProcessor]:
     torch.manual_seed(recipe.seed)
     tokenizer = build_tokenizer()
     config = build_config(recipe, vocab_size=len(tokenizer))
-    return TinyMoEVLM(config), TinyVLMProcessor(tokenizer, config.num_image_tokens)
+    model = TinyMoEVLM(config)
+    return model, processor_for(model, tokenizer)
 
 
 def train(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), minutes: float | None = None,
@@ -412,6 +425,8 @@ def train(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), minutes: float
 
 
 def _run_phase(model: TinyMoEVLM, recipe: TinyRecipe, phase: Phase, index: int, ctx) -> None:
+    if phase.repeat_question is not None:
+        model.config.repeat_question = ctx["processor"].repeat_question = phase.repeat_question
     weights = dict(phase.weights) if phase.weights else None
     stream = synthetic.train_stream(seed=recipe.seed + phase.stream_seed, weights=weights)
     opt = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=recipe.weight_decay)
@@ -473,7 +488,7 @@ def load(path: str | Path,
     else:
         model = TinyMoEVLM.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return model.eval(), TinyVLMProcessor(tokenizer, model.config.num_image_tokens)
+    return model.eval(), processor_for(model, tokenizer)
 
 
 def _load_quantized(path: Path, lm_folder: str, dtype: torch.dtype) -> TinyMoEVLM:
