@@ -25,8 +25,9 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     DeepseekV2Config,
-    DeepseekV2ForCausalLM,
+    OlmoeConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -43,13 +44,15 @@ class TinyVLMConfig(PretrainedConfig):
     """Configuration of the tiny MoE VLM: vision settings plus a nested ``text_config``."""
 
     model_type = MODEL_TYPE
-    sub_configs = {"text_config": DeepseekV2Config}
+    sub_configs = {"text_config": AutoConfig}
 
     def __init__(self, text_config=None, image_size=64, grid=4, vision_width=64,
                  image_token_id=4, num_cell_classes=(4, 6), num_words=9,
                  repeat_question=False, **kwargs):
         if isinstance(text_config, dict):
-            text_config = DeepseekV2Config(**text_config)
+            text_config = dict(text_config)
+            text_config = AutoConfig.for_model(text_config.pop("model_type", "deepseek_v2"),
+                                               **text_config)
         self.text_config = text_config if text_config is not None else DeepseekV2Config()
         self.image_size = image_size
         self.grid = grid
@@ -108,7 +111,7 @@ class TinyMoEVLM(PreTrainedModel):
         self.projector = nn.Sequential(
             nn.Linear(2 * config.vision_width, hidden), nn.GELU(), nn.Linear(hidden, hidden)
         )
-        self.language_model = DeepseekV2ForCausalLM(config.text_config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
     def _init_weights(self, module):
@@ -252,6 +255,8 @@ class TinyRecipe:
     top_k: int = 2
     expert_ffn: int = 128
     initializer_range: float = 0.08
+    language_model: str = "deepseek_v2"  # or "olmoe"
+    repeat_question: bool = False
 
     def scaled(self, total_steps: int) -> TinyRecipe:
         """The same recipe with every phase shortened in proportion (for quick runs)."""
@@ -264,19 +269,24 @@ class TinyRecipe:
 
 
 def build_config(recipe: TinyRecipe, vocab_size: int) -> TinyVLMConfig:
-    """The model config for a recipe."""
+    """The model config for a recipe (language model: ``recipe.language_model``)."""
     h = recipe.hidden_size
-    text = DeepseekV2Config(
-        vocab_size=vocab_size, hidden_size=h, intermediate_size=2 * h,
-        moe_intermediate_size=recipe.expert_ffn, num_hidden_layers=recipe.num_layers,
-        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32,
-        qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=h // 4,
-        n_routed_experts=recipe.num_experts, n_shared_experts=1,
-        num_experts_per_tok=recipe.top_k, first_k_dense_replace=1, max_position_embeddings=64,
-        initializer_range=recipe.initializer_range, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, tie_word_embeddings=False, attn_implementation="eager",
-    )
-    return TinyVLMConfig(text_config=text, num_words=len(synthetic.WORDS) + 1)
+    common = dict(vocab_size=vocab_size, hidden_size=h, num_hidden_layers=recipe.num_layers,
+                  num_attention_heads=4, num_key_value_heads=4, num_experts_per_tok=recipe.top_k,
+                  max_position_embeddings=64, initializer_range=recipe.initializer_range,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                  attn_implementation="eager")
+    if recipe.language_model == "olmoe":  # MolmoE's language model: every MLP is routed
+        text = OlmoeConfig(**common, intermediate_size=recipe.expert_ffn,
+                           num_experts=recipe.num_experts)
+    else:  # DeepSeek-VL2's: a dense first layer, a shared expert beside the routed ones
+        text = DeepseekV2Config(
+            **common, intermediate_size=2 * h, moe_intermediate_size=recipe.expert_ffn,
+            q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+            v_head_dim=h // 4, n_routed_experts=recipe.num_experts, n_shared_experts=1,
+            first_k_dense_replace=1)
+    return TinyVLMConfig(text_config=text, num_words=len(synthetic.WORDS) + 1,
+                         repeat_question=recipe.repeat_question)
 
 
 # -------------------------------------------------------------------------- training
