@@ -10,6 +10,7 @@ or an input dimension not divisible by the group size) stays 16-bit too, as in t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -144,11 +145,13 @@ def quantize(model: nn.Module, layout: MoELayout, bits, config: QuantConfig = Qu
     if on_progress:
         on_progress(0.05, f"quantizing {len(cfg)} linear layers ({config.mode})")
     checkpoint = tempfile.TemporaryDirectory(prefix="mopeq-q-")
-    with _AUTOROUND_LOCK, _quiet():
+    work = os.path.join(checkpoint.name, ".work")  # auto-round's scratch, not the cwd
+    with _AUTOROUND_LOCK, _quiet(), _env(AR_WORK_SPACE=work):
         ar = _autoround(root, tokenizer, cfg, config, calib)
         ar.quantize()
         # packed now: auto-round's context does not survive the next AutoRound instance
         ar.save_quantized(checkpoint.name, format="auto_round", inplace=False)
+        shutil.rmtree(work, ignore_errors=True)
     root.float()
     result = QuantResult(model, cfg, time.perf_counter() - start, config, checkpoint=checkpoint)
     result.levels_ok = verify_levels(root, cfg)
@@ -170,6 +173,21 @@ def _autoround(root, tokenizer, cfg, config: QuantConfig, calib):
         kwargs.update(iters=config.iters, nsamples=config.nsamples, seqlen=config.seqlen,
                       batch_size=config.batch_size, dataset=list(calib))
     return AutoRound(root, tokenizer=getattr(tokenizer, "tokenizer", tokenizer), **kwargs)
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    """Set environment variables for the duration of a call (auto-round reads them lazily)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _quiet:
@@ -338,10 +356,11 @@ def autoscheme(model: nn.Module, layout: MoELayout, expert_avg_bits: float, conf
     fixed = {n: c for n, c in full.items() if ".experts." not in n}
     target = _all_layer_target(layout, fixed, full, expert_avg_bits)
     suffix = "" if config.group_size == 128 else f"G{config.group_size}"
-    with tempfile.TemporaryDirectory(prefix="mopeq-as-") as tmp, _AUTOROUND_LOCK, _quiet():
+    with (tempfile.TemporaryDirectory(prefix="mopeq-as-") as tmp, _AUTOROUND_LOCK, _quiet(),
+          _env(AR_AUTO_SCHEME_CACHE=str(Path(tmp, "scores")),  # never reuse another's scores
+               AR_WORK_SPACE=str(Path(tmp, "work")))):
         data = Path(tmp, "calib.jsonl")
         data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        os.environ["AR_AUTO_SCHEME_CACHE"] = str(Path(tmp, "scores"))  # never reuse scores
         common = dict(nsamples=min(len(texts), 16), seqlen=config.seqlen, batch_size=4,
                       dataset=str(data))
         scheme = AutoScheme(avg_bits=target, options=",".join(f"W{b}A16{suffix}" for b in bits),
