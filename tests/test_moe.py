@@ -115,10 +115,22 @@ def test_layout_round_trips_json():
     assert MoELayout.loads(layout.dumps()) == layout
 
 
-def test_embedded_architecture_is_found():
+def test_embedded_olmoe_architecture_is_found():
     from mopeq import tiny
 
     model, _ = tiny.new_model(tiny.TinyRecipe(hidden_size=64, expert_ffn=64))
+    layout = discover(model)
+    assert layout.moe_layers == [0, 1, 2, 3] and layout.num_shared_experts == 0
+    name = "language_model.model.layers.1.mlp.experts.1.down_proj"
+    assert layout.experts[9].modules["down"] == name
+    assert layout.params()["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_embedded_deepseek_architecture_is_found():
+    from mopeq import tiny
+
+    model, _ = tiny.new_model(
+        tiny.TinyRecipe(hidden_size=64, expert_ffn=64, language_model="deepseek_v2"))
     layout = discover(model)
     assert layout.model_type == "mopeq_tiny_vlm"
     assert layout.moe_layers == [1, 2, 3] and layout.num_experts == 8 and layout.top_k == 2

@@ -23,7 +23,8 @@ def mixed_bits(layout):
 
 @pytest.fixture(scope="module")
 def tiny_vlm():
-    model, processor = tiny.new_model(tiny.TinyRecipe(hidden_size=64, expert_ffn=64))
+    model, processor = tiny.new_model(
+        tiny.TinyRecipe(hidden_size=64, expert_ffn=64, language_model="deepseek_v2"))
     return model, processor, discover(model)
 
 
