@@ -35,7 +35,10 @@ def _plans(scores: dict, mem: MemoryConfig) -> list[tuple[str, AllocConfig, str]
     for name in ("frobenius", "hessian"):
         for scope in ("model", "layer"):
             rows.append((f"MoPEQ {name} {scope}-wise", cfg(scope=scope), name))
-    rows.append(("MoPEQ hessian model-wise, log scores", cfg(log_scores=True), "hessian"))
+    rows.append(("MoPEQ fisher model-wise", cfg(), "fisher"))
+    for name in ("hessian", "fisher"):  # log scores need positive traces (hessian may not be)
+        if name in scores and (scores[name].scores > 0).all():
+            rows.append((f"MoPEQ {name} model-wise, log scores", cfg(log_scores=True), name))
     rows.append(("frequency k-means model-wise", cfg(method="frequency"), "frequency"))
     return [r for r in rows if r[2] in scores]
 
@@ -52,16 +55,16 @@ def run_study(loaded: LoadedModel, pairs: int | None = None, seed: int = 0,
     layout = discover(loaded.model)
     mem = MemoryConfig(group_size=group_size, base_bits=base_bits)
     qconf = QuantConfig(group_size=group_size, base_bits=base_bits)
-    progress(0.0, "sensitivities (frobenius, hessian, frequency)")
+    progress(0.0, "sensitivities (frobenius, hessian, fisher, frequency)")
     scores = {m: pipeline.sensitivity(loaded, layout, m, ProfileConfig())
-              for m in ("frobenius", "hessian", "frequency")}
+              for m in ("frobenius", "hessian", "fisher", "frequency")}
     errors = pipeline.errors_for(loaded, layout, (2, 3, 4), group_size)
     runs: list[dict] = []
     base = pipeline.baseline_evaluation(loaded, "synthetic", pairs, seed)
     runs.append(_baseline_row(base, layout, mem))
 
     def run(label, alloc):
-        progress(len(runs) / (12 + random_seeds), label)
+        progress(len(runs) / (14 + random_seeds), label)
         r = pipeline.quantize_and_evaluate(loaded, layout, alloc, qconf, pairs=pairs,
                                            seed=seed, label=label)
         runs.append(r.summary())
