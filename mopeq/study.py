@@ -11,6 +11,7 @@ rate to the baseline (which separate allocations where a small score cannot).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -103,14 +104,10 @@ def _autoscheme_row(loaded, layout, avg_bits, qconf, mem, base, pairs, seed) -> 
 
     texts = pipeline.calibration_texts(loaded, n=32)
     bits, result = autoscheme(loaded.model, layout, avg_bits, qconf, loaded.processor, texts)
-    import dataclasses
-
     qloaded = dataclasses.replace(loaded, model=result.model, fingerprint="quantized")
     ev = run_evaluation(qloaded, "synthetic", pairs=pairs, seed=seed)
     est = estimate(layout, bits, mem)
-    numel = np.array([[e.numel for e in layout.experts[r * layout.num_experts:
-                                                        (r + 1) * layout.num_experts]]
-                      for r in range(layout.num_moe_layers)], dtype=float)
+    numel = np.array([e.numel for e in layout.experts], dtype=float).reshape(bits.shape)
     cmp = compare(base, ev)
     return {"label": "auto-round AutoScheme (peer), same avg bits", "method": "autoscheme",
             "avg_bits": round(float((bits * numel).sum() / numel.sum()), 3), "gb": est.gb,

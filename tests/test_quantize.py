@@ -186,3 +186,21 @@ def _quantized_bits(layout, cfg):
                    for t in layout.tensors if t.linear})
     return {n: int(storage_bits(*shapes[n], c["bits"], c["group_size"]))
             for n, c in cfg.items() if c["bits"] < 16}
+
+
+def test_autoscheme_peer_meets_the_average_bits(tiny_vlm):
+    """auto-round's AutoScheme, offline, on local calibration texts, at an expert average."""
+    from mopeq.models import LoadedModel
+    from mopeq.pipeline import calibration_texts
+    from mopeq.quantize import autoscheme
+
+    model, processor, layout = tiny_vlm
+    loaded = LoadedModel(model, processor, "f", "t", "tiny_vlm")
+    bits, result = autoscheme(model, layout, 3.0, CFG, processor, calibration_texts(loaded, 8))
+    assert bits.shape == (layout.num_moe_layers, layout.num_experts)
+    assert set(np.unique(bits)) <= {2, 3, 4}
+    assert 2.0 <= bits.mean() <= 4.0
+    assert result.model is not model
+    name = layout.expert(0, 0).modules["gate"].removeprefix("language_model.")
+    w = result.model.language_model.get_submodule(name).weight.detach()
+    assert max(len(torch.unique(g)) for g in w.reshape(-1, 32)) <= 2 ** int(bits[0, 0])
