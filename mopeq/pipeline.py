@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mopeq import cache
-from mopeq.allocate import AllocConfig, BitMap, allocate, pareto, quant_errors, snap_per_layer
+from mopeq.allocate import (
+    AllocConfig,
+    BitMap,
+    allocate,
+    pareto,
+    predicted_loss,
+    quant_errors,
+    snap_per_layer,
+)
 from mopeq.evaluate import EvalResult, compare, run_evaluation
 from mopeq.memory import MemoryEstimate, estimate
 from mopeq.models import LoadedModel
@@ -92,8 +100,6 @@ def allocation(scores, layout: MoELayout, config: AllocConfig, *, snap: str | No
     memory = estimate(layout, bitmap, config.memory)
     result = Allocation(bitmap, memory)
     if with_pareto and errors is not None:
-        from mopeq.allocate import predicted_loss
-
         result.pareto = pareto(scores, errors, layout, config.bits, config.memory)
         if set(np.unique(bitmap.bits)) <= set(config.bits):
             result.current = {"gb": memory.gb, "avg_bits": bitmap.avg_bits,

@@ -150,8 +150,7 @@ def _write(runs: list[dict], out: Path, random_seeds: int) -> str:
     df.to_csv(out / "study.csv", index=False)
     table = _random_summary(df)
     fmt = table.copy()
-    for col in ("GB",):
-        fmt[col] = fmt[col].map(lambda x: f"{x:.6f}" if isinstance(x, float) else x)
+    fmt["GB"] = fmt["GB"].map(lambda x: f"{x:.6f}" if isinstance(x, float) else x)
     for col in ("KL", "flips"):
         fmt[col] = fmt[col].map(lambda x: f"{x:.4f}" if isinstance(x, float) else x)
     md = markdown_table(fmt)

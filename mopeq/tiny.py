@@ -41,7 +41,6 @@ from mopeq import synthetic
 
 MODEL_TYPE = "mopeq_tiny_vlm"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<image>", "<answer>", "<describe>")
-PROMPT_SUFFIX_TOKEN = "<answer>"
 
 
 class TinyVLMConfig(PretrainedConfig):
