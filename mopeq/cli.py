@@ -52,13 +52,19 @@ def cmd_train_tiny(args) -> int:
 
     from mopeq import tiny
 
+    out = Path(args.out).resolve()
+    assets = (Path(__file__).resolve().parent.parent / "assets").resolve()
+    if (out == assets or assets in out.parents) and not args.overwrite_assets:
+        raise ValueError(f"--out {args.out} is inside assets/ (the shipped model); pass "
+                              "--overwrite-assets to replace it on purpose")
     torch.set_num_threads(args.threads)
     recipe = tiny.TinyRecipe(seed=args.seed)
     if args.steps:
         recipe = recipe.scaled(args.steps)
     start = time.perf_counter()
     log = tiny.train(args.out, recipe, minutes=args.minutes, init_from=args.init_from,
-                     start_phase=args.start_phase,
+                     start_phase=args.start_phase, checkpoint_every=args.checkpoint_every,
+                     eval_every=args.eval_every,
                      on_progress=lambda _step, point: print(point, flush=True))
     print(json.dumps({"wall_minutes": round((time.perf_counter() - start) / 60, 2),
                       "stopped_early": log["stopped_early"], "out": args.out}))
@@ -296,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--init-from", default=None, help="resume from a saved model folder")
     sp.add_argument("--start-phase", type=int, default=0, help="first phase to run")
     sp.add_argument("--threads", type=int, default=1)
+    sp.add_argument("--checkpoint-every", type=int, default=None,
+                    help="also save DIR/checkpoints/phaseP-stepN every N steps")
+    sp.add_argument("--eval-every", type=int, default=500,
+                    help="steps between validation points of the training curve")
+    sp.add_argument("--overwrite-assets", action="store_true",
+                    help="allow --out inside assets/ (replaces the shipped model)")
     sp.set_defaults(func=cmd_train_tiny)
 
     sp = sub.add_parser("evaluate", help="quick MME evaluation")

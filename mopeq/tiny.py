@@ -40,6 +40,7 @@ from transformers import (
 from mopeq import synthetic
 
 MODEL_TYPE = "mopeq_tiny_vlm"
+VALIDATION_SEED = 1  # training curves and checkpoint choice use eval_split(seed=1), not seed 0
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<image>", "<answer>", "<describe>")
 
 
@@ -235,8 +236,8 @@ class Phase:
 # phase that a time cap ended early, so that even such a run is reproducible.
 DEFAULT_PHASES = (
     Phase(steps=5000, lr=2e-3, stream_seed=1,
-          weights=(("existence", 1.2), ("count", 1.5), ("position", 2.0), ("color", 0.7),
-                   ("OCR", 0.6))),
+          weights=(("existence", 1.0), ("count", 1.2), ("position", 1.5), ("color", 0.8),
+                   ("OCR", 1.0), ("landmark", 2.2), ("numerical_calculation", 1.6))),
 )
 
 
@@ -253,7 +254,7 @@ class TinyRecipe:
     router_aux_weight: float = 0.01
     hidden_size: int = 128
     num_layers: int = 4
-    num_experts: int = 8
+    num_experts: int = 16
     top_k: int = 2
     expert_ffn: int = 128
     initializer_range: float = 0.08
@@ -287,7 +288,8 @@ def build_config(recipe: TinyRecipe, vocab_size: int) -> TinyVLMConfig:
             q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
             v_head_dim=h // 4, n_routed_experts=recipe.num_experts, n_shared_experts=1,
             first_k_dense_replace=1)
-    return TinyVLMConfig(text_config=text, num_words=len(synthetic.WORDS) + 1,
+    return TinyVLMConfig(text_config=text, num_words=len(synthetic.text_classes()) + 1,
+                         num_cell_classes=(len(synthetic.SHAPES) + 1, len(synthetic.COLORS) + 1),
                          repeat_question=recipe.repeat_question)
 
 
@@ -300,12 +302,13 @@ def _scene_targets(samples: Sequence[synthetic.Sample], grid: int) -> tuple[torc
     colors = torch.zeros_like(shapes)
     words = torch.zeros(len(samples), dtype=torch.long)
     color_names = list(synthetic.COLORS)
+    texts = synthetic.text_classes()
     for i, s in enumerate(samples):
         for o in s.scene.objects:
             shapes[i, o.row * grid + o.col] = synthetic.SHAPES.index(o.shape) + 1
             colors[i, o.row * grid + o.col] = color_names.index(o.color) + 1
-        if s.scene.word:
-            words[i] = synthetic.WORDS.index(s.scene.word) + 1
+        if s.scene.text:
+            words[i] = texts.index(s.scene.text) + 1
     return shapes, colors, words
 
 
@@ -404,13 +407,16 @@ def new_model(recipe: TinyRecipe) -> tuple[TinyMoEVLM, TinyVLMProcessor]:
 
 def train(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), minutes: float | None = None,
           eval_every: int = 500, eval_pairs: int = 40, init_from: str | Path | None = None,
-          start_phase: int = 0,
+          start_phase: int = 0, checkpoint_every: int | None = None, report_every: int = 50,
           on_progress: Callable[[float, str], None] | None = None) -> dict:
     """Train the tiny VLM phase by phase (fixed step counts); save it; return the log.
 
     Between phases the weights are rounded to bf16, exactly as a saved checkpoint holds them,
     so resuming from a saved phase (``init_from`` + ``start_phase``) reproduces a full run.
-    ``minutes`` caps the wall time of a phase (the log then says it stopped early).
+    ``minutes`` caps the wall time of a phase (the log then says it stopped early). The
+    curve is measured on a *validation* split (``VALIDATION_SEED``), never on the held-out
+    split the bar is measured on, so choosing a checkpoint by it does not peek at the test
+    data. ``checkpoint_every`` saves ``out_dir/checkpoints/step-N`` along the way.
     """
     if init_from is not None:
         model, processor = load(init_from)
@@ -421,11 +427,13 @@ def train(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), minutes: float
         log = {"curve": []}
     log.update(recipe=asdict(recipe), stopped_early=False)
     model.language_model.set_experts_implementation("grouped_mm")
-    held_out = synthetic.eval_split()
-    quick = [s for c in synthetic.CATEGORIES
-             for s in [x for x in held_out if x.category == c][:eval_pairs]]
+    quick = synthetic.eval_split(eval_pairs, seed=VALIDATION_SEED)
     ctx = {"processor": processor, "quick": quick, "eval_every": eval_every, "log": log,
-           "on_progress": on_progress, "minutes": minutes}
+           "on_progress": on_progress, "minutes": minutes, "out_dir": Path(out_dir),
+           "checkpoint_every": checkpoint_every, "report_every": report_every}
+    if on_progress:
+        on_progress(0, f"training {sum(p.numel() for p in model.parameters()):,} parameters, "
+                       f"{sum(p.steps for p in recipe.phases[start_phase:])} steps")
     for index, phase in enumerate(recipe.phases[start_phase:], start=start_phase):
         _run_phase(model, recipe, phase, index, ctx)
         with torch.no_grad():  # what a checkpoint between phases would hold
@@ -458,6 +466,13 @@ def _run_phase(model: TinyMoEVLM, recipe: TinyRecipe, phase: Phase, index: int, 
         capped = ctx["minutes"] is not None and elapsed > ctx["minutes"]
         if (step + 1) % ctx["eval_every"] == 0 or step + 1 == last or capped:
             _log_point(model, ctx, index, step + 1, elapsed, losses)
+        elif ctx["on_progress"] and (step + 1) % ctx["report_every"] == 0:
+            ctx["on_progress"](step + 1, f"phase {index} step {step + 1}/{last} "
+                                         f"{elapsed:.1f} min loss {float(losses['loss']):.3f}")
+        every = ctx["checkpoint_every"]
+        if every and (step + 1) % every == 0 and step + 1 != last:
+            save(model.eval(), ctx["processor"],
+                 ctx["out_dir"] / "checkpoints" / f"phase{index}-step{step + 1}")
         if capped:
             ctx["log"]["stopped_early"] = True
             ctx["log"].setdefault("stopped_at", {})[str(index)] = step + 1

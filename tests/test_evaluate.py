@@ -110,7 +110,7 @@ def _counts(items) -> dict[str, int]:
 
 def test_quick_subset_equal_strata_whole_pairs_and_order():
     items = synthetic.eval_split(n_per_category=10)
-    sub = quick_subset(items, 20, seed=3)
+    sub = quick_subset(items, 4 * len(synthetic.CATEGORIES), seed=3)
     assert _counts(sub) == {c: 4 for c in synthetic.CATEGORIES}
     assert all(any(s is it for it in items) for s in sub)  # whole items, questions intact
     positions = [next(i for i, it in enumerate(items) if it is s) for s in sub]
@@ -290,7 +290,7 @@ def test_bad_specs(tmp_path):
         ev.load_dataset(str(tmp_path / "missing" / "copy"))
     with pytest.raises(ValueError, match="no MME data"):
         ev.load_dataset("./nope")
-    assert len(ev.load_dataset("synthetic")) == 120 * len(synthetic.CATEGORIES)
+    assert len(ev.load_dataset("synthetic")) == synthetic.EVAL_PER_CATEGORY * len(synthetic.CATEGORIES)
 
 
 # ------------------------------------------------------------------ evaluation runs
@@ -328,15 +328,16 @@ def tiny_vlm():
 
 
 def test_run_evaluation_tiny_synthetic_subset(tiny_vlm):
-    r = run_evaluation(tiny_vlm, "synthetic", pairs=10, seed=4)
-    assert r.n_pairs == 10 and len(r.records) == 20
+    pairs = 2 * len(synthetic.CATEGORIES)
+    r = run_evaluation(tiny_vlm, "synthetic", pairs=pairs, seed=4)
+    assert r.n_pairs == pairs and len(r.records) == 2 * pairs
     assert {c: v["n_pairs"] for c, v in r.per_category.items()} == {
         c: 2 for c in synthetic.CATEGORIES}
-    expected = [s.image_id for s in quick_subset(synthetic.eval_split(), 10, 4)]
+    expected = [s.image_id for s in quick_subset(synthetic.eval_split(), pairs, 4)]
     assert [rec["question_id"] for rec in r.records[::2]] == expected
     probs = np.array([rec["probs"] for rec in r.records])
-    assert probs.shape == (20, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
-    again = run_evaluation(tiny_vlm, synthetic.eval_split(), pairs=10, seed=4, batch_size=7)
+    assert probs.shape == (2 * pairs, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    again = run_evaluation(tiny_vlm, synthetic.eval_split(), pairs=pairs, seed=4, batch_size=7)
     assert [x["prediction"] for x in again.records] == [x["prediction"] for x in r.records]
     assert np.allclose([x["probs"] for x in again.records], probs, atol=1e-5)
     assert json.dumps(r.to_json())  # JSON-ready

@@ -121,8 +121,9 @@ def test_embedded_olmoe_architecture_is_found():
     model, _ = tiny.new_model(tiny.TinyRecipe(hidden_size=64, expert_ffn=64))
     layout = discover(model)
     assert layout.moe_layers == [0, 1, 2, 3] and layout.num_shared_experts == 0
+    n = tiny.TinyRecipe().num_experts
     name = "language_model.model.layers.1.mlp.experts.1.down_proj"
-    assert layout.experts[9].modules["down"] == name
+    assert layout.experts[n + 1].modules["down"] == name
     assert layout.params()["total"] == sum(p.numel() for p in model.parameters())
 
 
@@ -130,7 +131,7 @@ def test_embedded_deepseek_architecture_is_found():
     from mopeq import tiny
 
     model, _ = tiny.new_model(
-        tiny.TinyRecipe(hidden_size=64, expert_ffn=64, language_model="deepseek_v2"))
+        tiny.TinyRecipe(hidden_size=64, expert_ffn=64, num_experts=8, language_model="deepseek_v2"))
     layout = discover(model)
     assert layout.model_type == "mopeq_tiny_vlm"
     assert layout.moe_layers == [1, 2, 3] and layout.num_experts == 8 and layout.top_k == 2

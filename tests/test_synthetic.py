@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mopeq import synthetic
-from mopeq.synthetic import CATEGORIES, COLORS, EVAL_SPLIT, TRAIN_SPLIT, make_sample, side_of
+from mopeq.synthetic import CATEGORIES, COLORS, EVAL_SPLIT, TRAIN_SPLIT, make_sample
 
 N = 12  # images per category in these tests
 
@@ -52,6 +52,16 @@ def test_images_are_uint8_rgb_with_unique_ids(split):
     assert [s.category for s in split] == [c for c in CATEGORIES for _ in range(N)]
 
 
+def _side(a, relation: str, b) -> bool:
+    return {"left of": a.col < b.col, "right of": a.col > b.col, "above": a.row < b.row,
+            "below": a.row > b.row}[relation]
+
+
+def _arith(text: str) -> int:
+    a, op, b = int(text[0]), text[1], int(text[2])
+    return a + b if op == "+" else a * b
+
+
 def _truth(sample, text: str) -> bool:
     """What the scene says about a question, read independently of the generator."""
     objs = sample.scene.objects
@@ -59,12 +69,20 @@ def _truth(sample, text: str) -> bool:
         return any((o.color, o.shape) == m.groups() for o in objs)
     if m := re.fullmatch(r"(?:Is|Are) there (\d) (\w+?)s? in the image\?", text):
         return sum(o.shape == m.group(2) for o in objs) == int(m.group(1))
-    if m := re.fullmatch(r"Is the (\w+) (\w+) on the (\w+) side of the image\?", text):
-        return any(side_of(o, m.group(3)) for o in objs if (o.color, o.shape) == m.groups()[:2])
+    if m := re.fullmatch(r"Is the (\w+) (\w+) (left of|right of|above|below) the (\w+) (\w+)\?",
+                         text):
+        a = [o for o in objs if (o.color, o.shape) == m.groups()[:2]]
+        b = [o for o in objs if (o.color, o.shape) == m.groups()[3:]]
+        assert len(a) == len(b) == 1, text  # both objects are named unambiguously
+        return _side(a[0], m.group(3), b[0])
+    if m := re.fullmatch(r"Is the answer (\d+)\?", text):
+        return _arith(sample.scene.text) == int(m.group(1))
     if m := re.fullmatch(r"Is the (\w+) (\w+)\?", text):
         return any(o.shape == m.group(1) and o.color == m.group(2) for o in objs)
     if m := re.fullmatch(r"Is the word (\w+) written in the image\?", text):
-        return (sample.scene.word or "").lower() == m.group(1)
+        return (sample.scene.text or "").lower() == m.group(1)
+    if m := re.fullmatch(r"Is this a photo of (\w+ \w+)\?", text):
+        return synthetic.landmark_name(sample.scene.landmark) == m.group(1)
     raise AssertionError(f"unknown question form: {text}")
 
 
@@ -75,7 +93,7 @@ def test_answers_are_true_of_the_scene(split):
 
 
 def test_objects_are_drawn_in_their_colour(split):
-    for s in (x for x in split if x.category == "existence"):
+    for s in (x for x in split if x.category in ("existence", "landmark")):
         for o in s.scene.objects:
             cy = o.row * synthetic.CELL + synthetic.CELL // 2 + o.dy
             cx = o.col * synthetic.CELL + synthetic.CELL // 2 + o.dx
@@ -90,3 +108,33 @@ def test_train_stream_cycles_categories_and_never_repeats_eval_scenes():
     assert {s.category for s in first[:10]} == set(CATEGORIES)
     again = synthetic.train_stream(seed=1, eval_seed=0, n_eval=N)
     assert all(_same(a, next(again)) for a in first)
+
+
+def test_landmark_catalogue_is_fixed_and_every_entry_is_distinct():
+    prints = synthetic.landmark_blueprints()
+    assert len(prints) == synthetic.N_LANDMARKS == len(set(synthetic._landmark_names()))
+    for i, a in enumerate(prints):
+        assert len(a) == 3
+        for b in prints[:i]:
+            assert len(set(a) & set(b)) < 2
+    # a landmark image shows its catalogue entry (jittered), and only that
+    s = make_sample(0, EVAL_SPLIT, "landmark", 3)
+    entry = prints[s.scene.landmark]
+    assert sorted((o.shape, o.color, o.row, o.col) for o in s.scene.objects) == list(entry)
+
+
+def test_every_text_a_scene_shows_has_a_class_and_renders_inside_the_image(split):
+    classes = synthetic.text_classes()
+    for s in split:
+        if s.scene.text:
+            assert s.scene.text in classes
+            x, _ = s.scene.text_xy
+            assert x + synthetic.glyphs.text_width(s.scene.text) <= synthetic.IMAGE_SIZE
+
+
+def test_vocabulary_covers_every_question_and_caption(split):
+    vocab = set(synthetic.vocabulary())
+    for s in split:
+        for text in [q.text for q in s.questions] + [s.caption]:
+            words = re.findall(r"\w+|[^\w\s]", text.lower())
+            assert set(words) <= vocab, (text, set(words) - vocab)
