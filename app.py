@@ -246,9 +246,12 @@ class Handlers:
         state.runs.append(summary)
         bars = {"baseline": {c: r["baseline"] for c, r in summary["comparison"].items()},
                 run.label: summary["per_category"]}
+        cis = {"baseline": {c: r["baseline_ci95"] for c, r in summary["comparison"].items()},
+               run.label: {c: r["quantized_ci95"] for c, r in summary["comparison"].items()}}
         points = st.tradeoff_points(state.runs, alloc.memory.bf16_bytes / 1e9)
         return {w.run_md: run_text(summary), w.category_df: st.category_table(run),
-                w.results_plot: plots.results_bars(bars, title="MME per category"),
+                w.results_plot: plots.results_bars(bars, title="MME per category (95 % CI)",
+                                                   intervals=cis),
                 w.tradeoff_plot: plots.tradeoff_scatter(points),
                 w.runs_df: st.runs_table(state.runs)}
 

@@ -397,7 +397,11 @@ def run_summary(run: Run, pairs: int) -> dict:
     return {**run.summary(), "scores": run.allocation.bitmap.meta.get("scores"),
             "pairs": int(pairs),
             "comparison": {c: {"baseline": v["baseline"], "quantized": v["other"],
-                               "delta": v["delta"]} for c, v in per_cat.items()}}
+                               "delta": v["delta"],
+                               "baseline_ci95": run.baseline.per_category[c].get("ci95"),
+                               "quantized_ci95": run.result.per_category[c].get("ci95"),
+                               "delta_ci95": v.get("delta_ci95")}
+                           for c, v in per_cat.items()}}
 
 
 # ------------------------------------------------------------------------ tables & files
@@ -432,11 +436,24 @@ def category_table(run: Run) -> pd.DataFrame:
     """Per-category MME scores: baseline, quantized, delta."""
     import pandas as pd
 
-    rows = [{"category": c, "baseline": v["baseline"], "quantized": v["other"],
-             "delta": v["delta"]} for c, v in run.comparison["per_category"].items()]
+    from mopeq.stats import half_width
+
+    rows = [{"category": c, "baseline": v["baseline"],
+             "baseline ±": half_width(run.baseline.per_category[c].get("ci95")),
+             "quantized": v["other"],
+             "quantized ±": half_width(run.result.per_category[c].get("ci95")),
+             "delta": v["delta"], "delta 95% CI": _interval(v.get("delta_ci95"))}
+            for c, v in run.comparison["per_category"].items()]
     rows.append({"category": "total", "baseline": run.baseline.score,
-                 "quantized": run.result.score, "delta": run.result.score - run.baseline.score})
+                 "baseline ±": half_width(run.baseline.score_ci95),
+                 "quantized": run.result.score, "quantized ±": half_width(run.result.score_ci95),
+                 "delta": run.result.score - run.baseline.score,
+                 "delta 95% CI": _interval(run.comparison.get("score_delta_ci95"))})
     return _tidy(pd.DataFrame(rows))
+
+
+def _interval(ci) -> str | None:
+    return None if ci is None else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
 
 
 def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
@@ -445,15 +462,20 @@ def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 RUN_COLUMNS = ("label", "scores", "mode", "pairs", "avg_bits", "gb", "ratio_vs_bf16", "score",
-               "baseline_score", "delta", "kl", "flip_rate", "deployable_fused", "quantize_s")
+               "score ±", "baseline_score", "delta", "delta 95% CI", "p_value", "kl",
+               "flip_rate", "deployable_fused", "quantize_s")
 
 
 def runs_table(runs: list[dict]) -> pd.DataFrame:
     """The session's runs, one row each."""
     import pandas as pd
 
-    return _tidy(pd.DataFrame([{k: r.get(k) for k in RUN_COLUMNS} for r in runs],
-                              columns=list(RUN_COLUMNS)))
+    from mopeq.stats import half_width
+
+    derived = lambda r: {"score ±": half_width(r.get("score_ci95")),  # noqa: E731
+                         "delta 95% CI": _interval(r.get("score_delta_ci95"))}
+    return _tidy(pd.DataFrame([{k: {**r, **derived(r)}.get(k) for k in RUN_COLUMNS}
+                               for r in runs], columns=list(RUN_COLUMNS)))
 
 
 def run_group(summary: dict) -> str:
@@ -466,8 +488,10 @@ def tradeoff_points(runs: list[dict], bf16_gb: float) -> list[dict]:
     """The runs for ``plots.tradeoff_scatter``, with one baseline point per subset size."""
     points = [{**r, "method": run_group(r)} for r in runs]
     for pairs in sorted({r["pairs"] for r in runs}):
-        base = next(r["baseline_score"] for r in runs if r["pairs"] == pairs)
-        points.append({"method": "baseline", "avg_bits": 16.0, "gb": bf16_gb, "score": base,
+        first = next(r for r in runs if r["pairs"] == pairs)
+        points.append({"method": "baseline", "avg_bits": 16.0, "gb": bf16_gb,
+                       "score": first["baseline_score"],
+                       "score_ci95": first.get("baseline_score_ci95"),
                        "baseline": True, "label": f"unquantized ({pairs} pairs)"})
     return points
 
