@@ -240,7 +240,7 @@ class Handlers:
         label = f"#{len(state.runs) + 1} {group} {alloc.bitmap.avg_bits:.2f}b"
         flag = state.new_job("quantize")
         run = st.quantize_evaluate(entry, alloc, settings, v[w.mode], v[w.pairs], label,
-                                   st.cancellable(flag, _reporter(progress)))
+                                   st.cancellable(flag, _reporter(progress)), scores=score)
         summary = st.run_summary(run, v[w.pairs])
         state.last_run = run
         state.runs.append(summary)
@@ -264,7 +264,7 @@ class Handlers:
         score = self._scores(state, entry, v[w.score_source], v)
         bits = None if state.allocation is None else state.allocation.bitmap.bits.tolist()
         files = st.export_files(entry, score, bits, state.last_run, state.export_folder())
-        note = ("Recipe, engine snippets and checkpoint of run "
+        note = ("Recipe, scores, engine snippets and checkpoint, all of run "
                 f"**{state.last_run.label}**." if state.last_run else
                 "Scores only: quantize first to export the recipe, snippets and checkpoint.")
         return {w.files: files, w.export_md: note}

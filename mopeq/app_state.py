@@ -374,8 +374,11 @@ def bf16_breakdown(entry: ModelEntry) -> dict[str, int]:
 
 def quantize_evaluate(entry: ModelEntry, alloc: Allocation, settings: AllocSettings,
                       mode: str = "rtn", pairs: int = 50, label: str | None = None,
-                      on_progress: Progress = _noop) -> Run:
-    """Quantize with ``alloc``'s bits and evaluate baseline and quantized on ``pairs``."""
+                      on_progress: Progress = _noop, scores: Scores | None = None) -> Run:
+    """Quantize with ``alloc``'s bits and evaluate baseline and quantized on ``pairs``.
+
+    ``scores`` (those ``alloc`` was made from) travel with the run, so its export is whole.
+    """
     from mopeq import pipeline
     from mopeq.quantize import QuantConfig
 
@@ -386,9 +389,11 @@ def quantize_evaluate(entry: ModelEntry, alloc: Allocation, settings: AllocSetti
         raise ValueError(f"pairs must be >= 1, got {pairs}")
     with entry.running(on_progress):
         calib = pipeline.calibration_texts(entry.loaded) if mode == "tuned" else None
-        return pipeline.quantize_and_evaluate(entry.loaded, entry.layout, alloc, qconfig,
-                                              pairs=pairs, label=label, calib_texts=calib,
-                                              on_progress=on_progress)
+        run = pipeline.quantize_and_evaluate(entry.loaded, entry.layout, alloc, qconfig,
+                                             pairs=pairs, label=label, calib_texts=calib,
+                                             on_progress=on_progress)
+    run.scores = scores
+    return run
 
 
 def run_summary(run: Run, pairs: int) -> dict:
@@ -516,12 +521,17 @@ def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None,
                  out: Path) -> list[str]:
     """Write the downloads into the empty folder ``out``; returns their paths.
 
-    Always the scores CSV; after a run, also the recipe JSON, the engine snippets and the
-    quantized checkpoint as a zip.
+    Without a run: the scores CSV of ``score`` with the live ``bits``. With a run, one export
+    is that run: its scores and bits in the CSV, its recipe JSON, engine snippets and
+    quantized checkpoint (a zip), every file named after the run (``run_file_prefix``).
     """
     from mopeq.quantize import export
 
-    csv = out / f"scores_{score.method}.csv"
+    prefix = ""
+    if run is not None:
+        score = run.scores or score
+        bits, prefix = run.allocation.bitmap.bits.tolist(), run_file_prefix(run.label)
+    csv = out / f"{prefix}scores_{score.method}.csv"
     scores_frame(entry, score, bits).to_csv(csv, index=False)
     files = [str(csv)]
     if run is None:
@@ -534,6 +544,14 @@ def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None,
     for name in ("recipe.json", "autoround_layer_config.py", "gptqmodel_dynamic.py",
                  "llama_cpp_tensor_types.txt"):
         if (ckpt / name).exists():
-            files.append(str(shutil.copy(ckpt / name, out / name)))
-    files.append(shutil.make_archive(str(out / "checkpoint"), "zip", ckpt))
+            files.append(str(shutil.copy(ckpt / name, out / f"{prefix}{name}")))
+    files.append(shutil.make_archive(str(out / f"{prefix}checkpoint"), "zip", ckpt))
     return files
+
+
+def run_file_prefix(label: str) -> str:
+    """File-name prefix of a run's downloads: ``"#2 kmeans · hessian 3.00b"`` -> ``"run2_…_"``."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9.]+", "_", label.replace("#", "run")).strip("_.")
+    return f"{slug[:60]}_" if slug else "run_"

@@ -121,6 +121,7 @@ class Run:
     baseline: EvalResult
     result: EvalResult
     comparison: dict
+    scores: Scores | None = None  # the scores the allocation used (exports write them)
 
     def summary(self) -> dict:
         """A flat JSON-ready row for tables and the app's scatter."""

@@ -113,3 +113,36 @@ def test_estimate_matches_an_exported_deepseek_v2_checkpoint(tmp_path):
     assert dtypes["model.embed_tokens.weight"] == torch.bfloat16
     est = estimate(layout, bits, MemoryConfig(group_size=32, base_bits=CFG.base_bits))
     assert abs(est.total_bytes - on_disk) / on_disk < 0.01
+
+
+def test_one_export_is_one_run_every_file_named_after_it(olmoe, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from mopeq import app_state as st
+    from mopeq import pipeline
+    from mopeq.allocate import AllocConfig
+    from mopeq.models import LoadedModel
+    from mopeq.sensitivity import ProfileConfig, profile
+
+    model, layout = olmoe
+    entry = st.ModelEntry(LoadedModel(model, tiny.build_tokenizer(), "0", "t", "causal_lm"),
+                          layout)
+    used = profile(model, layout, "frobenius", ProfileConfig(closed_form=True))
+    alloc = pipeline.allocation(used, layout, AllocConfig(memory=MemoryConfig(group_size=32)))
+    quant = quantize(model, layout, alloc.bitmap, CFG, tokenizer=tiny.build_tokenizer())
+    run = pipeline.Run("#1 kmeans · frobenius 3.00b", alloc, quant, None, None, {}, used)
+    live = used.__class__("hessian", used.scores * 0 + 7.0, used.per_projection)
+    live_bits = np.full(alloc.bitmap.bits.shape, 4).tolist()  # the page moved on since the run
+    files = st.export_files(entry, live, live_bits, run, tmp_path)
+    names = sorted(p.rsplit("/", 1)[-1] for p in files)
+    prefix = st.run_file_prefix(run.label)
+    assert prefix == "run1_kmeans_frobenius_3.00b_"
+    assert all(n.startswith(prefix) for n in names)
+    assert f"{prefix}scores_frobenius.csv" in names and f"{prefix}checkpoint.zip" in names
+    frame = pd.read_csv(tmp_path / f"{prefix}scores_frobenius.csv")
+    assert frame["bits"].tolist() == alloc.bitmap.bits.ravel().tolist()
+    assert np.allclose(frame["score"], used.scores.ravel())
+    recipe = json.loads((tmp_path / f"{prefix}recipe.json").read_text())
+    assert recipe["allocation"]["bits"] == alloc.bitmap.bits.tolist()
