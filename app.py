@@ -240,15 +240,18 @@ class Handlers:
         label = f"#{len(state.runs) + 1} {group} {alloc.bitmap.avg_bits:.2f}b"
         flag = state.new_job("quantize")
         run = st.quantize_evaluate(entry, alloc, settings, v[w.mode], v[w.pairs], label,
-                                   st.cancellable(flag, _reporter(progress)))
+                                   st.cancellable(flag, _reporter(progress)), scores=score)
         summary = st.run_summary(run, v[w.pairs])
         state.last_run = run
         state.runs.append(summary)
         bars = {"baseline": {c: r["baseline"] for c, r in summary["comparison"].items()},
                 run.label: summary["per_category"]}
+        cis = {"baseline": {c: r["baseline_ci95"] for c, r in summary["comparison"].items()},
+               run.label: {c: r["quantized_ci95"] for c, r in summary["comparison"].items()}}
         points = st.tradeoff_points(state.runs, alloc.memory.bf16_bytes / 1e9)
         return {w.run_md: run_text(summary), w.category_df: st.category_table(run),
-                w.results_plot: plots.results_bars(bars, title="MME per category"),
+                w.results_plot: plots.results_bars(bars, title="MME per category (95 % CI)",
+                                                   intervals=cis),
                 w.tradeoff_plot: plots.tradeoff_scatter(points),
                 w.runs_df: st.runs_table(state.runs)}
 
@@ -261,7 +264,7 @@ class Handlers:
         score = self._scores(state, entry, v[w.score_source], v)
         bits = None if state.allocation is None else state.allocation.bitmap.bits.tolist()
         files = st.export_files(entry, score, bits, state.last_run, state.export_folder())
-        note = ("Recipe, engine snippets and checkpoint of run "
+        note = ("Recipe, scores, engine snippets and checkpoint, all of run "
                 f"**{state.last_run.label}**." if state.last_run else
                 "Scores only: quantize first to export the recipe, snippets and checkpoint.")
         return {w.files: files, w.export_md: note}

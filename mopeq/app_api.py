@@ -69,11 +69,32 @@ def profile_text(score, cached: bool) -> str:
     return f"**{score.method}** ({detail or 'routing counts'}) · {badge}{cover}"
 
 
+def _pm(interval) -> str:
+    """Half the 95 % interval as " ± x", or nothing when there is no interval."""
+    return "" if not interval else f" ± {(interval[1] - interval[0]) / 2:.1f}"
+
+
+def significance_text(summary: dict) -> str:
+    """Plain words on whether the score difference is more than noise at this subset size."""
+    ci, p, n = summary.get("score_delta_ci95"), summary.get("p_value"), summary["pairs"]
+    if ci is None or p is None:
+        return ""
+    span = f"95 % CI [{ci[0]:+.1f}, {ci[1]:+.1f}], McNemar p = {p:.2g}"
+    if (ci[0] <= 0 <= ci[1]) or p >= 0.05:
+        return f"difference **within noise at {n} pairs** ({span})"
+    return f"difference **significant at {n} pairs** ({span})"
+
+
 def run_text(summary: dict) -> str:
-    """One line on a quantize-and-evaluate run."""
-    return (f"**{summary['label']}** ({summary['mode']}): MME score **{summary['score']:.1f}** "
-            f"vs {summary['baseline_score']:.1f} baseline (Δ {summary['delta']:+.1f}) on "
-            f"{summary['pairs']} image pairs · KL {summary['kl']:.4f} · "
+    """One line on a quantize-and-evaluate run, with its uncertainty."""
+    sig = significance_text(summary)
+    kl_ci = summary.get("kl_ci95")
+    kl_span = f" [{kl_ci[0]:.4f}, {kl_ci[1]:.4f}]" if kl_ci else ""
+    return (f"**{summary['label']}** ({summary['mode']}): MME score **{summary['score']:.1f}"
+            f"{_pm(summary.get('score_ci95'))}** vs {summary['baseline_score']:.1f}"
+            f"{_pm(summary.get('baseline_score_ci95'))} baseline (Δ {summary['delta']:+.1f}) "
+            f"on {summary['pairs']} image pairs{' · ' + sig if sig else ''} · "
+            f"KL {summary['kl']:.4f}{kl_span} · "
             f"{summary['flip_rate']:.0%} answers flipped · {_size(int(summary['gb'] * 1e9))} · "
             f"quantized in {summary['quantize_s']:.1f} s")
 

@@ -374,8 +374,11 @@ def bf16_breakdown(entry: ModelEntry) -> dict[str, int]:
 
 def quantize_evaluate(entry: ModelEntry, alloc: Allocation, settings: AllocSettings,
                       mode: str = "rtn", pairs: int = 50, label: str | None = None,
-                      on_progress: Progress = _noop) -> Run:
-    """Quantize with ``alloc``'s bits and evaluate baseline and quantized on ``pairs``."""
+                      on_progress: Progress = _noop, scores: Scores | None = None) -> Run:
+    """Quantize with ``alloc``'s bits and evaluate baseline and quantized on ``pairs``.
+
+    ``scores`` (those ``alloc`` was made from) travel with the run, so its export is whole.
+    """
     from mopeq import pipeline
     from mopeq.quantize import QuantConfig
 
@@ -386,9 +389,11 @@ def quantize_evaluate(entry: ModelEntry, alloc: Allocation, settings: AllocSetti
         raise ValueError(f"pairs must be >= 1, got {pairs}")
     with entry.running(on_progress):
         calib = pipeline.calibration_texts(entry.loaded) if mode == "tuned" else None
-        return pipeline.quantize_and_evaluate(entry.loaded, entry.layout, alloc, qconfig,
-                                              pairs=pairs, label=label, calib_texts=calib,
-                                              on_progress=on_progress)
+        run = pipeline.quantize_and_evaluate(entry.loaded, entry.layout, alloc, qconfig,
+                                             pairs=pairs, label=label, calib_texts=calib,
+                                             on_progress=on_progress)
+    run.scores = scores
+    return run
 
 
 def run_summary(run: Run, pairs: int) -> dict:
@@ -397,7 +402,11 @@ def run_summary(run: Run, pairs: int) -> dict:
     return {**run.summary(), "scores": run.allocation.bitmap.meta.get("scores"),
             "pairs": int(pairs),
             "comparison": {c: {"baseline": v["baseline"], "quantized": v["other"],
-                               "delta": v["delta"]} for c, v in per_cat.items()}}
+                               "delta": v["delta"],
+                               "baseline_ci95": run.baseline.per_category[c].get("ci95"),
+                               "quantized_ci95": run.result.per_category[c].get("ci95"),
+                               "delta_ci95": v.get("delta_ci95")}
+                           for c, v in per_cat.items()}}
 
 
 # ------------------------------------------------------------------------ tables & files
@@ -432,11 +441,24 @@ def category_table(run: Run) -> pd.DataFrame:
     """Per-category MME scores: baseline, quantized, delta."""
     import pandas as pd
 
-    rows = [{"category": c, "baseline": v["baseline"], "quantized": v["other"],
-             "delta": v["delta"]} for c, v in run.comparison["per_category"].items()]
+    from mopeq.stats import half_width
+
+    rows = [{"category": c, "baseline": v["baseline"],
+             "baseline ±": half_width(run.baseline.per_category[c].get("ci95")),
+             "quantized": v["other"],
+             "quantized ±": half_width(run.result.per_category[c].get("ci95")),
+             "delta": v["delta"], "delta 95% CI": _interval(v.get("delta_ci95"))}
+            for c, v in run.comparison["per_category"].items()]
     rows.append({"category": "total", "baseline": run.baseline.score,
-                 "quantized": run.result.score, "delta": run.result.score - run.baseline.score})
+                 "baseline ±": half_width(run.baseline.score_ci95),
+                 "quantized": run.result.score, "quantized ±": half_width(run.result.score_ci95),
+                 "delta": run.result.score - run.baseline.score,
+                 "delta 95% CI": _interval(run.comparison.get("score_delta_ci95"))})
     return _tidy(pd.DataFrame(rows))
+
+
+def _interval(ci) -> str | None:
+    return None if ci is None else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
 
 
 def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
@@ -445,15 +467,20 @@ def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 RUN_COLUMNS = ("label", "scores", "mode", "pairs", "avg_bits", "gb", "ratio_vs_bf16", "score",
-               "baseline_score", "delta", "kl", "flip_rate", "deployable_fused", "quantize_s")
+               "score ±", "baseline_score", "delta", "delta 95% CI", "p_value", "kl",
+               "flip_rate", "deployable_fused", "quantize_s")
 
 
 def runs_table(runs: list[dict]) -> pd.DataFrame:
     """The session's runs, one row each."""
     import pandas as pd
 
-    return _tidy(pd.DataFrame([{k: r.get(k) for k in RUN_COLUMNS} for r in runs],
-                              columns=list(RUN_COLUMNS)))
+    from mopeq.stats import half_width
+
+    derived = lambda r: {"score ±": half_width(r.get("score_ci95")),  # noqa: E731
+                         "delta 95% CI": _interval(r.get("score_delta_ci95"))}
+    return _tidy(pd.DataFrame([{k: {**r, **derived(r)}.get(k) for k in RUN_COLUMNS}
+                               for r in runs], columns=list(RUN_COLUMNS)))
 
 
 def run_group(summary: dict) -> str:
@@ -466,8 +493,10 @@ def tradeoff_points(runs: list[dict], bf16_gb: float) -> list[dict]:
     """The runs for ``plots.tradeoff_scatter``, with one baseline point per subset size."""
     points = [{**r, "method": run_group(r)} for r in runs]
     for pairs in sorted({r["pairs"] for r in runs}):
-        base = next(r["baseline_score"] for r in runs if r["pairs"] == pairs)
-        points.append({"method": "baseline", "avg_bits": 16.0, "gb": bf16_gb, "score": base,
+        first = next(r for r in runs if r["pairs"] == pairs)
+        points.append({"method": "baseline", "avg_bits": 16.0, "gb": bf16_gb,
+                       "score": first["baseline_score"],
+                       "score_ci95": first.get("baseline_score_ci95"),
                        "baseline": True, "label": f"unquantized ({pairs} pairs)"})
     return points
 
@@ -492,12 +521,17 @@ def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None,
                  out: Path) -> list[str]:
     """Write the downloads into the empty folder ``out``; returns their paths.
 
-    Always the scores CSV; after a run, also the recipe JSON, the engine snippets and the
-    quantized checkpoint as a zip.
+    Without a run: the scores CSV of ``score`` with the live ``bits``. With a run, one export
+    is that run: its scores and bits in the CSV, its recipe JSON, engine snippets and
+    quantized checkpoint (a zip), every file named after the run (``run_file_prefix``).
     """
     from mopeq.quantize import export
 
-    csv = out / f"scores_{score.method}.csv"
+    prefix = ""
+    if run is not None:
+        score = run.scores or score
+        bits, prefix = run.allocation.bitmap.bits.tolist(), run_file_prefix(run.label)
+    csv = out / f"{prefix}scores_{score.method}.csv"
     scores_frame(entry, score, bits).to_csv(csv, index=False)
     files = [str(csv)]
     if run is None:
@@ -510,6 +544,14 @@ def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None,
     for name in ("recipe.json", "autoround_layer_config.py", "gptqmodel_dynamic.py",
                  "llama_cpp_tensor_types.txt"):
         if (ckpt / name).exists():
-            files.append(str(shutil.copy(ckpt / name, out / name)))
-    files.append(shutil.make_archive(str(out / "checkpoint"), "zip", ckpt))
+            files.append(str(shutil.copy(ckpt / name, out / f"{prefix}{name}")))
+    files.append(shutil.make_archive(str(out / f"{prefix}checkpoint"), "zip", ckpt))
     return files
+
+
+def run_file_prefix(label: str) -> str:
+    """File-name prefix of a run's downloads: ``"#2 kmeans · hessian 3.00b"`` -> ``"run2_…_"``."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9.]+", "_", label.replace("#", "run")).strip("_.")
+    return f"{slug[:60]}_" if slug else "run_"

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from mopeq import stats
 from mopeq.mme_data import (  # noqa: F401 - re-exported: evaluation's public data API
     COGNITION,
     PERCEPTION,
@@ -58,12 +59,13 @@ class EvalResult:
     """Scores of one evaluation run (MME-style, per category and in total)."""
 
     score: float
-    per_category: dict[str, dict]
+    per_category: dict[str, dict]  # acc, acc_plus, score, n_pairs, ci95 ([low, high])
     n_pairs: int
     elapsed_s: float = 0.0
     perception: float | None = None
     cognition: float | None = None
     records: list[dict] = field(default_factory=list, repr=False)
+    score_ci95: list[float] | None = None  # stratified bootstrap over images (mopeq.stats)
 
     def to_json(self, with_records: bool = False) -> dict:
         """A JSON-ready dict (records only on request)."""
@@ -99,12 +101,37 @@ def score_mme(records: Iterable[dict]) -> EvalResult:
         per_cat[cat] = {"acc": acc, "acc_plus": acc_plus, "score": 100 * acc + 100 * acc_plus,
                         "n_pairs": len(pairs)}
     total = sum(v["score"] for v in per_cat.values())
+    intervals = _score_intervals(records)
+    for cat, ci in intervals["per_stratum"].items():
+        per_cat[cat]["ci95"] = ci
     perception = sum(v["score"] for c, v in per_cat.items() if c in PERCEPTION)
     cognition = sum(v["score"] for c, v in per_cat.items() if c in COGNITION)
     return EvalResult(total, per_cat, len(by_image),
                       perception=perception if any(c in PERCEPTION for c in per_cat) else None,
                       cognition=cognition if any(c in COGNITION for c in per_cat) else None,
-                      records=records)
+                      records=records, score_ci95=intervals["total"])
+
+
+def _correct(record: dict) -> bool:
+    return parse_answer(record["prediction"]) == str(record["answer"]).strip().lower()
+
+
+def _score_intervals(records: list[dict]) -> dict:
+    """Bootstrap intervals of the total and per-category scores (images stay whole)."""
+    keys = [(r["category"], str(r["question_id"]), r.get("question", ""), i)
+            for i, r in enumerate(records)]
+    strata, (correct,) = stats.by_image(keys, [_correct(r) for r in records])
+    return stats.score_intervals(correct, strata)
+
+
+def with_intervals(result: EvalResult) -> EvalResult:
+    """``result`` with its intervals, computed from its records when missing (old caches)."""
+    if result.score_ci95 is None and result.records:
+        intervals = _score_intervals(result.records)
+        result.score_ci95 = intervals["total"]
+        for cat, ci in intervals["per_stratum"].items():
+            result.per_category[cat]["ci95"] = ci
+    return result
 
 
 # ---------------------------------------------------------------------------- models
@@ -337,7 +364,10 @@ def compare(baseline: EvalResult, other: EvalResult) -> dict:
     """Score deltas (other - baseline), answer-level KL(baseline || other) and flip rate.
 
     KL is over each question's (P(yes), P(no), P(other)), averaged over questions; a flip is a
-    question whose parsed answer differs between the two runs.
+    question whose parsed answer differs between the two runs. With them: paired bootstrap
+    intervals over the same images (``score_delta_ci95``, ``per_category[c]["delta_ci95"]``,
+    ``kl_ci95``, ``flip_rate_ci95``) and the exact McNemar test on the questions whose
+    correctness changed (``p_value``, ``n_discordant``, ``mcnemar``: its ``b``/``c`` counts).
 
     Raises:
         ValueError: when the runs cover different questions or their records lack ``probs``.
@@ -354,10 +384,29 @@ def compare(baseline: EvalResult, other: EvalResult) -> dict:
     per_cat = {c: {"baseline": v["score"], "other": other.per_category[c]["score"],
                    "delta": other.per_category[c]["score"] - v["score"]}
                for c, v in baseline.per_category.items()}
-    return {"baseline_score": baseline.score, "other_score": other.score,
-            "score_delta": other.score - baseline.score, "per_category": per_cat,
-            "kl": float(kl.mean()) if len(kl) else 0.0, "kl_max": float(kl.max(initial=0.0)),
-            "flip_rate": float(np.mean(flips)) if flips else 0.0, "n_questions": len(keys)}
+    out = {"baseline_score": baseline.score, "other_score": other.score,
+           "score_delta": other.score - baseline.score, "per_category": per_cat,
+           "kl": float(kl.mean()) if len(kl) else 0.0, "kl_max": float(kl.max(initial=0.0)),
+           "flip_rate": float(np.mean(flips)) if flips else 0.0, "n_questions": len(keys)}
+    return {**out, **_paired_statistics(keys, base, oth, kl, flips, per_cat)}
+
+
+def _paired_statistics(keys, base, oth, kl, flips, per_cat) -> dict:
+    """Paired bootstrap intervals (delta, KL, flip rate) and the exact McNemar test."""
+    if not keys:
+        return {"score_delta_ci95": [0.0, 0.0], "p_value": 1.0, "n_discordant": 0,
+                "kl_ci95": [0.0, 0.0], "flip_rate_ci95": [0.0, 0.0], "n_pairs": 0}
+    right_b = [_correct(base[k]) for k in keys]
+    right_o = [_correct(oth[k]) for k in keys]
+    strata, (cb, co, kq, fq) = stats.by_image(keys, right_b, right_o, kl, flips)
+    delta = stats.paired_score_delta(cb, co, strata)
+    for cat, ci in delta["per_stratum"].items():
+        per_cat[cat]["delta_ci95"] = ci
+    test = stats.mcnemar_exact(cb, co)
+    return {"score_delta_ci95": delta["total"], "p_value": test["p_value"],
+            "n_discordant": test["n_discordant"], "mcnemar": {"b": test["b"], "c": test["c"]},
+            "kl_ci95": stats.mean_interval(kq, strata),
+            "flip_rate_ci95": stats.mean_interval(fq, strata), "n_pairs": len(strata)}
 
 
 def answer_kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:

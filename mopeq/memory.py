@@ -8,7 +8,9 @@ Every tensor is counted as it will be stored (auto-round's ``compute_layer_bits`
   counts it), i.e. ``b + (16 + b) / g`` bits per weight;
 - routed experts take the bits of the bit map (``16`` = kept in 16 bit);
 - other linears (attention, dense MLP, shared experts, other) take ``MemoryConfig.base_bits``;
-- the router, embeddings, lm_head, norms, biases and the vision tower stay 16-bit;
+- the router, embeddings, lm_head, norms, biases and the vision tower are kept as the model
+  stores them: 16 bits for bf16/fp16, 32 for fp32 (e.g. DeepSeek-V2's router), per tensor
+  (``TensorInfo.dtype``, ``DTYPE_BITS``); the export writes them in the same dtypes;
 - a linear that cannot be quantized stays 16-bit, whatever it was asked for: its ``in`` is not
   divisible by the group size (the MoPEQ code's rule, REFERENCE §1), or one of its dimensions is
   not a multiple of 32 (auto-round 0.16 keeps such int linears 16-bit,
@@ -31,6 +33,9 @@ import numpy as np
 from mopeq.moe import MoELayout
 
 FP_BITS = 16
+# bits per element of a tensor kept unquantized, by its stored dtype (default: 16-bit floats)
+DTYPE_BITS = {"float64": 64, "float32": 32, "int64": 64, "int32": 32, "int16": 16, "int8": 8,
+              "uint8": 8, "bool": 8, "float8_e4m3fn": 8, "float8_e5m2": 8}
 DIM_MULTIPLE = 32  # auto-round keeps int linears with a dimension not divisible by this 16-bit
 BREAKDOWN = ("routed_experts", "shared_experts", "attention", "dense_mlp", "router",
              "embeddings_lm_head", "vision", "other")
@@ -39,7 +44,8 @@ _COMPONENT = {"routed_experts": "routed_experts", "shared_experts": "shared_expe
               "attention": "attention", "dense_mlp": "dense_mlp", "router": "router",
               "embeddings": "embeddings_lm_head", "lm_head": "embeddings_lm_head",
               "vision": "vision", "norm": "other", "other": "other"}
-# components whose linears are quantized at the base bits (REFERENCE §1)
+# components whose linears are quantized at the base bits (REFERENCE §1: everything else in
+# the language model); ``takes_base_bits`` is the one rule, used here and by quantize
 BASE_COMPONENTS = ("attention", "dense_mlp", "shared_experts", "other")
 _MEMO_SIZE = 4
 
@@ -82,6 +88,16 @@ def bit_set(bits) -> tuple[int, ...]:
     return tuple(sorted({int(b) for b in values}))
 
 
+def takes_base_bits(tensor) -> bool:
+    """Whether a non-expert tensor (``moe.TensorInfo``) is asked for the base bits.
+
+    The one rule shared by the estimate and ``quantize.layer_config``: a 2-D ``nn.Linear``
+    weight of a component in ``BASE_COMPONENTS``; everything else stays in its stored dtype.
+    """
+    return bool(tensor.linear and len(tensor.shape) == 2
+                and tensor.component in BASE_COMPONENTS)
+
+
 def quantizable(out_features, in_features, group_size: int):
     """Whether linears of these shapes can be quantized (else they stay 16-bit).
 
@@ -94,10 +110,16 @@ def quantizable(out_features, in_features, group_size: int):
     return ok
 
 
-def storage_bits(out_features, in_features, bits, group_size: int):
+def dtype_bits(dtype: str) -> int:
+    """Bits per element of a tensor stored unquantized in ``dtype`` (a torch dtype name)."""
+    return DTYPE_BITS.get(str(dtype).removeprefix("torch."), FP_BITS)
+
+
+def storage_bits(out_features, in_features, bits, group_size: int, kept_bits=FP_BITS):
     """Bits to store linears of shape [out, in] asked for ``bits`` (elementwise, int64).
 
-    Unquantizable shapes and ``bits >= 16`` are counted at 16 bits per weight.
+    Unquantizable shapes and ``bits >= 16`` are kept in their stored dtype, ``kept_bits`` per
+    weight (16 unless the model keeps them wider, e.g. an fp32 router).
     """
     out_features = np.asarray(out_features, dtype=np.int64)
     in_features = np.asarray(in_features, dtype=np.int64)
@@ -106,33 +128,37 @@ def storage_bits(out_features, in_features, bits, group_size: int):
     g = in_features if group_size == -1 else group_size
     groups = out_features * (-(-in_features // g))
     q = quantizable(out_features, in_features, group_size) & (bits < FP_BITS)
-    return np.where(q, numel * bits + groups * (FP_BITS + bits), numel * FP_BITS)
+    return np.where(q, numel * bits + groups * (FP_BITS + bits),
+                    numel * np.asarray(kept_bits, dtype=np.int64))
 
 
 @dataclass(frozen=True, eq=False)
 class ExpertTerms:
     """[L, E] sums over an expert's projections for one group size.
 
-    An expert at ``b < 16`` bits takes ``b * numel_q + (16 + b) * groups + 16 * numel_fp`` bits;
-    at 16 bits, ``16 * (numel_q + numel_fp)``.
+    An expert at ``b < 16`` bits takes ``b * numel_q + (16 + b) * groups + k * numel_fp`` bits;
+    at 16 bits, ``k * (numel_q + numel_fp)``, where ``k`` (``kept``) is the bits per element of
+    its stored dtype.
 
     Attributes:
         numel_q: weights in quantizable projections.
         groups: scale/zero-point groups in quantizable projections.
         numel_fp: weights in projections that stay 16-bit because of their shape.
         count_fp: how many of the three projections stay 16-bit because of their shape.
+        kept: bits per element of the expert's stored dtype (what unquantized weights take).
     """
 
     numel_q: np.ndarray
     groups: np.ndarray
     numel_fp: np.ndarray
     count_fp: np.ndarray
+    kept: np.ndarray
 
     def bits(self, bits) -> np.ndarray:
         """Storage bits of each expert at ``bits`` (broadcast against [L, E])."""
         b = np.asarray(bits, dtype=np.int64)
-        quantized = b * self.numel_q + (FP_BITS + b) * self.groups + FP_BITS * self.numel_fp
-        return np.where(b < FP_BITS, quantized, FP_BITS * (self.numel_q + self.numel_fp))
+        quantized = b * self.numel_q + (FP_BITS + b) * self.groups + self.kept * self.numel_fp
+        return np.where(b < FP_BITS, quantized, self.kept * (self.numel_q + self.numel_fp))
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,6 +172,8 @@ class LayoutArrays:
         t_in: [T] in_features (1 for non-linears).
         t_comp: [T] index into ``BREAKDOWN``.
         t_base: [T] True for linears that take the base bits.
+        e_kept: [L, E] bits per element of each expert's stored dtype.
+        t_kept: [T] bits per element of each tensor's stored dtype.
     """
 
     out: np.ndarray
@@ -154,6 +182,8 @@ class LayoutArrays:
     t_in: np.ndarray
     t_comp: np.ndarray
     t_base: np.ndarray
+    e_kept: np.ndarray
+    t_kept: np.ndarray
     _terms: dict = field(default_factory=dict, repr=False)  # memo of ``terms`` by group size
 
     @property
@@ -174,7 +204,7 @@ class LayoutArrays:
             g = self.inp if group_size == -1 else group_size
             groups = self.out * (-(-self.inp // g))
             terms = ExpertTerms(np.where(q, numel, 0).sum(-1), np.where(q, groups, 0).sum(-1),
-                                np.where(q, 0, numel).sum(-1), (~q).sum(-1))
+                                np.where(q, 0, numel).sum(-1), (~q).sum(-1), self.e_kept)
             for a in terms.__dict__.values():
                 a.setflags(write=False)
             self._terms[group_size] = terms
@@ -196,9 +226,11 @@ class LayoutArrays:
                                                                   strict=True)], np.int64)
         comp = np.array([BREAKDOWN.index(_COMPONENT.get(t.component, "other"))
                          for t in layout.tensors], np.int64)
-        base = np.array([li and t.component in BASE_COMPONENTS
-                         for t, li in zip(layout.tensors, lin, strict=True)], bool)
-        arrays = (dims[..., 0], dims[..., 1], t_out, t_in, comp, base)
+        base = np.array([takes_base_bits(t) for t in layout.tensors], bool)
+        e_kept = np.array([dtype_bits(e.dtype) for e in layout.experts],
+                          np.int64).reshape(shape)
+        t_kept = np.array([dtype_bits(t.dtype) for t in layout.tensors], np.int64)
+        arrays = (dims[..., 0], dims[..., 1], t_out, t_in, comp, base, e_kept, t_kept)
         for a in arrays:
             a.setflags(write=False)
         return LayoutArrays(*arrays)
@@ -305,8 +337,8 @@ def expert_cost_table(layout: MoELayout, bits: tuple[int, ...],
 def tensor_bits(arrays: LayoutArrays, config: MemoryConfig) -> np.ndarray:
     """[T] storage bits of each non-expert tensor."""
     asked = np.where(arrays.t_base, config.base_bits, FP_BITS)
-    q_bits = storage_bits(arrays.t_out, arrays.t_in, asked, config.group_size)
-    return np.where(arrays.t_base, q_bits, arrays.t_out * arrays.t_in * FP_BITS)
+    q_bits = storage_bits(arrays.t_out, arrays.t_in, asked, config.group_size, arrays.t_kept)
+    return np.where(arrays.t_base, q_bits, arrays.t_out * arrays.t_in * arrays.t_kept)
 
 
 def fixed_bits(layout: MoELayout, config: MemoryConfig) -> int:
@@ -340,7 +372,7 @@ def estimate(layout: MoELayout, bitmap, config: MemoryConfig | None = None) -> M
     total_bits = int(e_bits.sum() + t_bits.sum())
     total_params = int(e_numel.sum() + t_numel.sum())
     q_params = int(terms.numel_q[e_q].sum() + t_numel[t_q].sum())
-    q_bits = int((e_bits - FP_BITS * terms.numel_fp)[e_q].sum() + t_bits[t_q].sum())
+    q_bits = int((e_bits - terms.kept * terms.numel_fp)[e_q].sum() + t_bits[t_q].sum())
     total_bytes = _bytes(total_bits)
     return MemoryEstimate(
         total_bytes=total_bytes, bf16_bytes=2 * total_params,

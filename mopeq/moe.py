@@ -76,6 +76,7 @@ class ExpertInfo:
     expert: int
     modules: dict[str, str]  # projection -> module name after unfusing
     shapes: dict[str, tuple[int, int]]  # projection -> (out_features, in_features)
+    dtype: str = "bfloat16"  # as the model stores it (torch dtype name without "torch.")
 
     @property
     def numel(self) -> int:
@@ -91,6 +92,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     component: str
     linear: bool  # a 2-D weight of an nn.Linear (quantizable at the base bits)
+    dtype: str = "bfloat16"  # as the model stores it, e.g. "float32" for DeepSeek-V2's router
 
     @property
     def numel(self) -> int:
@@ -188,9 +190,11 @@ class MoELayout:
             blocks=tuple(MoEBlock(**{**b, "proj_names": tuple(b["proj_names"])})
                          for b in d["blocks"]),
             experts=tuple(ExpertInfo(e["layer"], e["expert"], e["modules"],
-                                     {k: tuple(v) for k, v in e["shapes"].items()})
+                                     {k: tuple(v) for k, v in e["shapes"].items()},
+                                     e.get("dtype", "bfloat16"))
                           for e in d["experts"]),
-            tensors=tuple(TensorInfo(t["name"], tuple(t["shape"]), t["component"], t["linear"])
+            tensors=tuple(TensorInfo(t["name"], tuple(t["shape"]), t["component"], t["linear"],
+                                     t.get("dtype", "bfloat16"))
                           for t in d["tensors"]),
             top_k=d["top_k"], num_shared_experts=d["num_shared_experts"], meta=d["meta"],
         )
@@ -314,7 +318,8 @@ def _experts(block: MoEBlock, params: dict, modules: dict) -> list[ExpertInfo]:
                       for p, m in zip(PROJECTIONS, mods, strict=True)}
             names = {p: f"{block.experts_path}.{e}.{n}"
                      for p, n in zip(PROJECTIONS, block.proj_names, strict=True)}
-        out.append(ExpertInfo(block.layer, e, names, shapes))
+            gu = mods[0].weight
+        out.append(ExpertInfo(block.layer, e, names, shapes, dtype_name(gu.dtype)))
     return out
 
 
@@ -325,11 +330,17 @@ def _tensors(model: nn.Module, blocks: list[MoEBlock], spec: ArchSpec) -> tuple[
         if any(name.startswith(b.experts_path + ".") for b in blocks):
             continue
         comp = _component(name, p, blocks, spec)
-        out.append(TensorInfo(name, tuple(p.shape), comp, name in linear_weights))
+        out.append(TensorInfo(name, tuple(p.shape), comp, name in linear_weights,
+                              dtype_name(p.dtype)))
     for name, buf in model.named_buffers():
         if _persistent(model, name) and buf.is_floating_point() and buf.dim() >= 2:
-            out.append(TensorInfo(name, tuple(buf.shape), "other", False))
+            out.append(TensorInfo(name, tuple(buf.shape), "other", False, dtype_name(buf.dtype)))
     return tuple(out)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"`` (layouts stay plain JSON)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _persistent(model: nn.Module, name: str) -> bool:
@@ -382,9 +393,11 @@ def layout_from_config(config) -> MoELayout:
     """Build a layout from a config alone, on the meta device (no weights, any size)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
+    dtype = getattr(config, "dtype", None) or "bfloat16"  # what the weights would be stored in
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         except ValueError:
-            model = AutoModel.from_config(config)
+            model = AutoModel.from_config(config, dtype=dtype)
     return discover(model)

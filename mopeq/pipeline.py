@@ -24,7 +24,7 @@ from mopeq.allocate import (
     quant_errors,
     snap_per_layer,
 )
-from mopeq.evaluate import EvalResult, compare, run_evaluation
+from mopeq.evaluate import EvalResult, compare, run_evaluation, with_intervals
 from mopeq.memory import MemoryEstimate, estimate
 from mopeq.models import LoadedModel
 from mopeq.moe import MoELayout
@@ -121,6 +121,7 @@ class Run:
     baseline: EvalResult
     result: EvalResult
     comparison: dict
+    scores: Scores | None = None  # the scores the allocation used (exports write them)
 
     def summary(self) -> dict:
         """A flat JSON-ready row for tables and the app's scatter."""
@@ -132,7 +133,21 @@ class Run:
                 "kl": self.comparison["kl"], "flip_rate": self.comparison["flip_rate"],
                 "per_category": {c: v["score"] for c, v in self.result.per_category.items()},
                 "quantize_s": round(self.quant.elapsed_s, 2), "mode": self.quant.config.mode,
-                "deployable_fused": bm.deployable_fused}
+                "deployable_fused": bm.deployable_fused, **interval_fields(self)}
+
+
+def interval_fields(run) -> dict:
+    """The uncertainty of a run (anything with ``baseline``, ``result``, ``comparison``).
+
+    ``score_ci95`` / ``baseline_score_ci95``: bootstrap intervals of each total;
+    ``score_delta_ci95``, ``kl_ci95``, ``flip_rate_ci95``: paired intervals on the same
+    images; ``p_value``: exact McNemar test of the changed answers; ``n_pairs``: images.
+    """
+    cmp = run.comparison
+    return {"score_ci95": run.result.score_ci95, "baseline_score_ci95": run.baseline.score_ci95,
+            "per_category_ci95": {c: v.get("ci95") for c, v in run.result.per_category.items()},
+            **{k: cmp.get(k) for k in ("score_delta_ci95", "p_value", "n_discordant", "kl_ci95",
+                                       "flip_rate_ci95", "n_pairs")}}
 
 
 def baseline_evaluation(loaded: LoadedModel, dataset="synthetic", pairs: int | None = None,
@@ -143,7 +158,7 @@ def baseline_evaluation(loaded: LoadedModel, dataset="synthetic", pairs: int | N
                                       "pairs": pairs, "seed": seed}, EVAL_VERSION)
     hit = cache.load(EVAL_STAGE, key) if isinstance(dataset, str) else None
     if hit is not None:
-        return EvalResult(**hit.meta["result"])
+        return with_intervals(EvalResult(**hit.meta["result"]))
     result = run_evaluation(loaded, dataset, pairs=pairs, seed=seed)
     if isinstance(dataset, str):
         cache.save(EVAL_STAGE, key, {"result": dataclasses.asdict(result)})

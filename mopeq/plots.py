@@ -398,12 +398,16 @@ def pareto_curve(points: list[dict], *, current: dict | None = None, x: str = "g
 
 
 def results_bars(per_category: Mapping[str, Mapping[str, float]], *,
-                 title: str | None = None) -> go.Figure:
+                 title: str | None = None,
+                 intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None
+                 ) -> go.Figure:
     """Grouped bars of MME scores per category, one bar per run.
 
     Args:
         per_category: ``{run name: {category: score in [0, 200]}}``; a run may lack a category.
         title: figure title.
+        intervals: optional ``{run name: {category: [low, high]}}`` 95 % intervals, drawn as
+            error bars (a missing one draws none).
 
     Raises:
         ValueError: no runs, no categories, or a score outside ``[0, 200]``.
@@ -416,13 +420,28 @@ def results_bars(per_category: Mapping[str, Mapping[str, float]], *,
         bad = {c: s for c, s in scores.items() if not 0 <= s <= MME_MAX}
         if bad:
             raise ValueError(f"run {run!r}: MME scores must lie in [0, 200], got {bad}")
+        ci = (intervals or {}).get(run) or {}
         fig.add_bar(x=cats, y=[scores.get(c) for c in cats], name=run,
+                    error_y=_error_bars([scores.get(c) for c in cats], [ci.get(c) for c in cats]),
                     hovertemplate="%{x}: %{y:.1f}")
     fig.update_xaxes(title_text="MME category")
     fig.update_yaxes(title_text="score (acc + acc+, max 200)", range=[0, MME_MAX])
     return _finish(fig, title=title, height=380, barmode="group",
                    legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1,
                            "xanchor": "right"})
+
+
+def _error_bars(values: Sequence[float | None],
+                cis: Sequence[Sequence[float] | None]) -> dict | None:
+    """Plotly asymmetric error bars from [low, high] intervals; None when there are none."""
+    if not any(ci is not None for ci in cis):
+        return None
+    up = [None if ci is None or v is None else ci[1] - v for v, ci in zip(values, cis,
+                                                                           strict=True)]
+    down = [None if ci is None or v is None else v - ci[0] for v, ci in zip(values, cis,
+                                                                             strict=True)]
+    return {"type": "data", "symmetric": False, "array": up, "arrayminus": down,
+            "thickness": 1.2, "width": 3}
 
 
 def _run_label(run: Mapping) -> str:
@@ -434,7 +453,8 @@ def tradeoff_scatter(runs: list[dict]) -> go.Figure:
 
     Args:
         runs: ``{"method": str, "avg_bits": float, "gb": float, "score": float}`` each, with
-            optional ``"label"`` (overrides "method · bits") and ``"baseline": True``.
+            optional ``"label"`` (overrides "method · bits"), ``"baseline": True`` and
+            ``"score_ci95": [low, high]`` (drawn as an error bar).
 
     Raises:
         ValueError: no runs, or a run without ``method``, ``avg_bits``, ``gb`` or ``score``.
@@ -448,6 +468,8 @@ def tradeoff_scatter(runs: list[dict]) -> go.Figure:
         marker = ({"symbol": "diamond", "size": 14, "color": "#555555"} if name == "baseline"
                   else {"size": 11})
         fig.add_scatter(x=[r["gb"] for r in group], y=[r["score"] for r in group], name=name,
+                        error_y=_error_bars([r["score"] for r in group],
+                                            [r.get("score_ci95") for r in group]),
                         mode="markers+text", text=[_run_label(r) for r in group],
                         textposition="top center", marker=marker,
                         customdata=[[r["avg_bits"]] for r in group],

@@ -27,12 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from mopeq.memory import quantizable
+from mopeq.memory import quantizable, takes_base_bits
 from mopeq.moe import PROJECTIONS, MoELayout
+from mopeq.snippets import (  # noqa: F401 - re-exported: the export's public API
+    GGML_TYPES,
+    gptq_dynamic,
+    llama_cpp_lines,
+    write_snippets,
+)
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
-BASE_COMPONENTS = ("attention", "dense_mlp", "shared_experts")
-GGML_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0", 16: "f16"}
 # auto-round keeps its compressor context in process-wide singletons: a second AutoRound built
 # while one is quantizing or saving corrupts the first. One quantization at a time, therefore.
 _AUTOROUND_LOCK = threading.Lock()
@@ -72,6 +76,7 @@ class QuantResult:
     export_dir: Path | None = None
     recipe: dict = field(default_factory=dict)
     checkpoint: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    dtypes: dict[str, str] = field(default_factory=dict, repr=False)  # stored dtype by key
 
 
 def quant_root(model: nn.Module) -> tuple[nn.Module, str]:
@@ -122,7 +127,7 @@ def layer_config(layout: MoELayout, bits: np.ndarray, config: QuantConfig,
         if not t.linear or not t.name.startswith(prefix):
             continue
         name = t.name.removeprefix(prefix).removesuffix(".weight")
-        b = config.base_bits if t.component in BASE_COMPONENTS else 16
+        b = config.base_bits if takes_base_bits(t) else 16
         cfg[name] = entry(b, t.shape[0], t.shape[1])
     return cfg
 
@@ -153,7 +158,8 @@ def quantize(model: nn.Module, layout: MoELayout, bits, config: QuantConfig = Qu
         ar.save_quantized(checkpoint.name, format="auto_round", inplace=False)
         shutil.rmtree(work, ignore_errors=True)
     root.float()
-    result = QuantResult(model, cfg, time.perf_counter() - start, config, checkpoint=checkpoint)
+    result = QuantResult(model, cfg, time.perf_counter() - start, config, checkpoint=checkpoint,
+                         dtypes=unquantized_dtypes(layout, prefix))
     result.levels_ok = verify_levels(root, cfg)
     if on_progress:
         on_progress(1.0, f"quantized in {result.elapsed_s:.1f} s")
@@ -257,10 +263,12 @@ def _write_checkpoint(result: QuantResult, folder: Path, processor) -> None:
     root, prefix = quant_root(result.model)
     lm_dir = folder / "language_model" if prefix else folder
     shutil.copytree(result.checkpoint.name, lm_dir, dirs_exist_ok=True)
-    if prefix:  # a VLM: the 16-bit rest of the model beside the quantized language model
+    if result.dtypes:
+        _restore_dtypes(lm_dir, result.dtypes)
+    if prefix:  # a VLM: the unquantized rest of the model beside the quantized language model
         from safetensors.torch import save_file
 
-        rest = {k: v.detach().to(torch.bfloat16).contiguous()
+        rest = {k: v.detach().to(_stored_dtype(v)).contiguous()
                 for k, v in result.model.state_dict().items() if not k.startswith(prefix)}
         save_file(rest, str(folder / "rest.safetensors"))
         config = result.model.config.to_dict()
@@ -268,6 +276,43 @@ def _write_checkpoint(result: QuantResult, folder: Path, processor) -> None:
         (folder / "config.json").write_text(json.dumps(config, indent=1))
         if processor is not None:
             processor.save_pretrained(folder)
+
+
+def _stored_dtype(t: torch.Tensor) -> torch.dtype:
+    """fp32 stays fp32 (what the model keeps wide), other floats are stored as bf16."""
+    return t.dtype if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else (
+        torch.bfloat16 if t.is_floating_point() else t.dtype)
+
+
+def _restore_dtypes(folder: Path, dtypes: dict[str, str]) -> None:
+    """Cast the unquantized tensors of auto-round's shards back to the model's dtypes.
+
+    auto-round computes in its own dtype (fp32 on a CPU without bf16) and saves in it; the
+    checkpoint keeps every unquantized tensor as the model stores it, as ``memory`` counts it.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        changed = False
+        for k, t in tensors.items():
+            want = getattr(torch, dtypes.get(k, ""), None)
+            if isinstance(want, torch.dtype) and t.is_floating_point() and t.dtype != want:
+                tensors[k], changed = t.to(want).contiguous(), True
+        if changed:
+            save_file(tensors, str(shard), metadata=meta)
+
+
+def unquantized_dtypes(layout: MoELayout, prefix: str) -> dict[str, str]:
+    """Checkpoint key -> dtype of every tensor the layout knows, names relative to the root."""
+    out = {t.name.removeprefix(prefix): t.dtype for t in layout.tensors
+           if t.name.startswith(prefix)}
+    for e in layout.experts:
+        out.update({f"{e.modules[p].removeprefix(prefix)}.weight": e.dtype for p in PROJECTIONS})
+    return out
 
 
 def build_recipe(result: QuantResult, layout: MoELayout, *, source: str, fingerprint: str,
@@ -289,48 +334,6 @@ def build_recipe(result: QuantResult, layout: MoELayout, *, source: str, fingerp
         "deployable_fused": all(len(s) == 1 for s in per_layer),
         "quantize_seconds": round(result.elapsed_s, 2),
     }
-
-
-def write_snippets(recipe: dict, folder: Path) -> dict[str, str]:
-    """Ready-to-paste snippets: auto-round ``layer_config``, GPTQModel ``dynamic``, llama.cpp."""
-    mods = recipe["modules"]
-    snippets = {
-        "autoround_layer_config.py": "layer_config = " + json.dumps(
-            {n: {"bits": c["bits"], "group_size": c["group_size"], "sym": c["sym"]}
-             for n, c in mods.items()}, indent=1) + "\n",
-        "gptqmodel_dynamic.py": "dynamic = " + json.dumps(gptq_dynamic(mods), indent=1) + "\n",
-    }
-    if recipe["deployable_fused"]:
-        snippets["llama_cpp_tensor_types.txt"] = llama_cpp_lines(recipe)
-    for name, text in snippets.items():
-        (folder / name).write_text(text)
-    return snippets
-
-
-def gptq_dynamic(mods: dict[str, dict]) -> dict[str, dict]:
-    """GPTQModel ``dynamic`` rules: one regex per module whose bits differ from the default."""
-    import re
-
-    default = max(set(c["bits"] for c in mods.values() if c["bits"] < 16), default=4)
-    rules = {}
-    for name, c in mods.items():
-        key = re.escape(name) + "$"
-        if c["bits"] >= 16:
-            rules[f"-:{key}"] = {}
-        elif c["bits"] != default:
-            rules[f"+:{key}"] = {"bits": c["bits"], "group_size": c["group_size"]}
-    return rules
-
-
-def llama_cpp_lines(recipe: dict) -> str:
-    """``--tensor-type`` arguments for llama-quantize (one type per layer's stacked experts)."""
-    bits = np.asarray(recipe["allocation"]["bits"])
-    layers = recipe["allocation"].get("layers") or list(range(len(bits)))
-    lines = []
-    for layer, row in zip(layers, bits, strict=True):
-        ggml = GGML_TYPES[int(row[0])]
-        lines += [f"--tensor-type blk.{layer}.ffn_{p}_exps={ggml}" for p in PROJECTIONS]
-    return " \\\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ the peer: AutoScheme

@@ -15,6 +15,7 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -95,7 +96,9 @@ def _baseline_row(base, layout, mem: MemoryConfig) -> dict:
     return {"label": "16-bit baseline", "method": "none", "avg_bits": 16.0, "gb": bf16.gb,
             "ratio_vs_bf16": 1.0, "score": base.score, "baseline_score": base.score,
             "delta": 0.0, "kl": 0.0, "flip_rate": 0.0, "baseline": True,
-            "per_category": {c: v["score"] for c, v in base.per_category.items()}}
+            "per_category": {c: v["score"] for c, v in base.per_category.items()},
+            "score_ci95": base.score_ci95, "baseline_score_ci95": base.score_ci95,
+            "score_delta_ci95": [0.0, 0.0], "p_value": 1.0}
 
 
 def _autoscheme_row(loaded, layout, avg_bits, qconf, mem, base, pairs, seed) -> dict:
@@ -115,18 +118,36 @@ def _autoscheme_row(loaded, layout, avg_bits, qconf, mem, base, pairs, seed) -> 
             "delta": ev.score - base.score, "kl": cmp["kl"], "flip_rate": cmp["flip_rate"],
             "per_category": {c: v["score"] for c, v in ev.per_category.items()},
             "quantize_s": round(result.elapsed_s, 2), "mode": "rtn",
-            "deployable_fused": bool((bits == bits[:, :1]).all())}
+            "deployable_fused": bool((bits == bits[:, :1]).all()),
+            **pipeline.interval_fields(SimpleNamespace(baseline=base, result=ev, comparison=cmp))}
+
+
+INTERVAL_COLUMNS = ("total lo", "total hi", "delta lo", "delta hi")
 
 
 def _frame(runs: list[dict]) -> pd.DataFrame:
+    """One row per run; 95 % intervals of the total and the (paired) delta, McNemar's p."""
     rows = []
     for r in runs:
+        total, delta = r.get("score_ci95") or [None] * 2, r.get("score_delta_ci95") or [None] * 2
         row = {"method": r["label"], "GB": r["gb"], "avg bits": r["avg_bits"],
                **{c: round(v, 1) for c, v in r["per_category"].items()},
                "total": round(r["score"], 1), "delta": round(r["delta"], 1),
-               "KL": r["kl"], "flips": r["flip_rate"]}
+               "KL": r["kl"], "flips": r["flip_rate"], "p": r.get("p_value"),
+               **dict(zip(INTERVAL_COLUMNS, [*total, *delta], strict=True))}
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _with_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    """The markdown view: "total [lo, hi]" and "delta [lo, hi]" cells, p to 2 digits."""
+    out = table.copy()
+    for col in ("total", "delta"):
+        lo, hi = table[f"{col} lo"], table[f"{col} hi"]
+        out[col] = [f"{v:.1f} [{a:.1f}, {b:.1f}]" if isinstance(a, float) and a == a else v
+                    for v, a, b in zip(table[col], lo, hi, strict=True)]
+    out["p"] = [f"{p:.2g}" if isinstance(p, float) and p == p else p for p in table["p"]]
+    return out.drop(columns=list(INTERVAL_COLUMNS))
 
 
 def _random_summary(df: pd.DataFrame) -> pd.DataFrame:
@@ -149,7 +170,7 @@ def _write(runs: list[dict], out: Path, random_seeds: int) -> str:
     df = _frame(runs)
     df.to_csv(out / "study.csv", index=False)
     table = _random_summary(df)
-    fmt = table.copy()
+    fmt = _with_intervals(table)
     fmt["GB"] = fmt["GB"].map(lambda x: f"{x:.6f}" if isinstance(x, float) else x)
     for col in ("KL", "flips"):
         fmt[col] = fmt[col].map(lambda x: f"{x:.4f}" if isinstance(x, float) else x)

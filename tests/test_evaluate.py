@@ -61,8 +61,9 @@ def test_score_mme_hand_made_records():
     ]
     r = score_mme(records)
     assert r.per_category["existence"] == {"acc": 0.75, "acc_plus": 0.5, "score": 125.0,
-                                           "n_pairs": 2}
-    assert r.per_category["count"] == {"acc": 0.5, "acc_plus": 0.0, "score": 50.0, "n_pairs": 1}
+                                           "n_pairs": 2, "ci95": [50.0, 200.0]}
+    assert r.per_category["count"] == {"acc": 0.5, "acc_plus": 0.0, "score": 50.0, "n_pairs": 1,
+                                       "ci95": [50.0, 50.0]}  # one image: nothing to resample
     assert r.per_category["code_reasoning"]["score"] == 50.0
     assert list(r.per_category) == ["existence", "count", "code_reasoning"]  # MME order
     assert (r.score, r.perception, r.cognition, r.n_pairs) == (225.0, 175.0, 50.0, 4)
@@ -385,7 +386,10 @@ def test_compare_hand_made():
     assert c["kl_max"] == pytest.approx(kl4, rel=1e-6)
     assert c["flip_rate"] == 0.5 and c["n_questions"] == 4
     # baseline: all four right (200); other: image 1 right, image 2 both wrong (acc .5, acc+ .5)
-    assert c["per_category"]["color"] == {"baseline": 200.0, "other": 100.0, "delta": -100.0}
+    color = c["per_category"]["color"]
+    assert {k: color[k] for k in ("baseline", "other", "delta")} == {
+        "baseline": 200.0, "other": 100.0, "delta": -100.0}
+    assert color["delta_ci95"][0] <= -100.0 <= color["delta_ci95"][1]
     assert c["score_delta"] == -100.0
 
 
@@ -393,6 +397,7 @@ def test_compare_self_and_mismatch(tiny_vlm):
     r = run_evaluation(tiny_vlm, "synthetic", pairs=5, seed=0)
     same = compare(r, r)
     assert (same["kl"], same["flip_rate"], same["score_delta"]) == (0.0, 0.0, 0.0)
+    assert (same["score_delta_ci95"], same["p_value"]) == ([0.0, 0.0], 1.0)
     with pytest.raises(ValueError, match="different questions"):
         compare(r, run_evaluation(tiny_vlm, "synthetic", pairs=5, seed=1))
     bare = score_mme([{k: v for k, v in x.items() if k != "probs"} for x in r.records])
@@ -498,6 +503,9 @@ def test_cli_evaluate_json(tiny_vlm, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["n_pairs"] == 5 and out["elapsed_s"] > 0
     assert out["score"] == pytest.approx(sum(v["score"] for v in out["per_category"].values()))
-    assert set(out["per_category"]["count"]) == {"acc", "acc_plus", "score", "n_pairs"}
+    assert set(out["per_category"]["count"]) == {"acc", "acc_plus", "score", "n_pairs", "ci95"}
+    assert out["score_ci95"][0] <= out["score"] <= out["score_ci95"][1]
+    for v in out["per_category"].values():
+        assert v["ci95"][0] <= v["score"] <= v["ci95"][1]
     code = cli.main(["evaluate", "--model", str(tmp_path / "m"), "--dataset", "lmms-lab/MME"])
     assert code == 2 and "offline" in capsys.readouterr().err

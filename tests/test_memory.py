@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from mopeq.memory import (
     BREAKDOWN,
@@ -131,14 +132,31 @@ def test_by_layer_moves_only_with_that_layer():
 
 
 def test_all_16_bit_equals_bf16():
-    layout = discover(tiny_lm("deepseek_v2"))
+    layout = discover(tiny_lm("deepseek_v2").to(torch.bfloat16))
     est = estimate(layout, np.full((1, 8), 16), MemoryConfig(base_bits=16))
     assert est.total_bytes == est.bf16_bytes and est.ratio == 1.0
+
+
+def test_unquantized_tensors_count_at_their_stored_dtype(tmp_path):
+    """DeepSeek-V2 keeps its router fp32 in a bf16 model: the estimate counts it at 32 bits."""
+    import transformers as T
+
+    tiny_lm("deepseek_v2").save_pretrained(tmp_path)
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    layout = discover(model)
+    router = [t for t in layout.tensors if t.component == "router"]
+    assert router and all(t.dtype == "float32" for t in router)
+    assert {t.dtype for t in layout.tensors if t.component != "router"} == {"bfloat16"}
+    est = estimate(layout, np.full((1, 8), 16), MemoryConfig(base_bits=16))
+    assert est.total_bytes == est.bf16_bytes + 2 * sum(t.numel for t in router)
+    fp32 = estimate(discover(tiny_lm("deepseek_v2")), np.full((1, 8), 16),
+                    MemoryConfig(base_bits=16))
+    assert fp32.total_bytes == 2 * fp32.bf16_bytes  # an fp32 model is stored in fp32
     assert est.quantized_params == 0 and est.avg_bits_quantized == 16.0
 
 
 def test_discovered_layout_keeps_non_divisible_experts_16_bit():
-    layout = discover(tiny_lm("deepseek_v2"))  # hidden 64, expert FFN 32
+    layout = discover(tiny_lm("deepseek_v2").to(torch.bfloat16))  # hidden 64, FFN 32
     numel = sum(e.numel for e in layout.experts)
     est128 = estimate(layout, np.full((1, 8), 2), MemoryConfig(group_size=128))
     assert est128.breakdown["routed_experts"] == 2 * numel

@@ -60,3 +60,23 @@ def test_small_study_end_to_end(tmp_path):
     budget = next(r for r in rows if r["label"].startswith("budget"))
     mopeq = next(r for r in rows if r["label"] == "MoPEQ frobenius model-wise")
     assert budget["gb"] <= mopeq["gb"] * 1.0001
+
+
+def _row(label, score, ci, delta, dci, p):
+    return {"label": label, "gb": 0.5, "avg_bits": 3.0, "per_category": {"color": score / 2},
+            "score": score, "delta": delta, "kl": 0.01, "flip_rate": 0.1, "score_ci95": ci,
+            "score_delta_ci95": dci, "p_value": p}
+
+
+def test_study_table_shows_intervals_and_p_values():
+    runs = [_row("16-bit baseline", 300.0, [280.0, 320.0], 0.0, [0.0, 0.0], 1.0),
+            _row("MoPEQ", 290.0, [270.5, 310.0], -10.0, [-18.0, -2.5], 0.012),
+            _row("random (seed 0)", 280.0, [260.0, 300.0], -20.0, [-30.0, -10.0], 0.001),
+            _row("random (seed 1)", 284.0, [262.0, 302.0], -16.0, [-26.0, -6.0], 0.004)]
+    df = study._frame(runs)
+    assert list(df.loc[1, list(study.INTERVAL_COLUMNS)]) == [270.5, 310.0, -18.0, -2.5]
+    assert (df["total lo"] <= df["total"]).all() and (df["total"] <= df["total hi"]).all()
+    md = study.markdown_table(study._with_intervals(study._random_summary(df)))
+    assert "290.0 [270.5, 310.0]" in md and "-10.0 [-18.0, -2.5]" in md and "0.012" in md
+    assert "total lo" not in md.splitlines()[0]
+    assert "random, 2 seeds" in md
