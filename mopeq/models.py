@@ -103,6 +103,7 @@ def _load_dir(path: Path, source: str, trust_remote_code: bool, dtype) -> Loaded
 
     if model_type == tiny.MODEL_TYPE:
         model, processor = tiny.load(path, dtype=dtype)
+        mark_stored_dtypes(model, path)
         return LoadedModel(model, processor, fingerprint_dir(path), source, "tiny_vlm", path)
     if "auto_map" in config and not trust_remote_code:
         raise ModelLoadError(
@@ -110,8 +111,40 @@ def _load_dir(path: Path, source: str, trust_remote_code: bool, dtype) -> Loaded
             "(--trust-remote-code) only if you trust its authors"
         )
     model, kind = _auto_model(path, trust_remote_code, dtype)
+    mark_stored_dtypes(model, path)
     processor = _auto_processor(path, trust_remote_code)
     return LoadedModel(model.eval(), processor, fingerprint_dir(path), source, kind, path)
+
+
+STORED_DTYPES_ATTR = "_mopeq_stored_dtypes"
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def stored_dtypes(folder: Path) -> dict | None:
+    """Floating dtypes of a checkpoint as stored on disk, read from the safetensors headers.
+
+    Returns ``{"tensors": {key: dtype}, "default": most common dtype}``, or None without
+    safetensors files. A model is usually computed in fp32 here while its files hold bf16; the
+    memory estimate and the export must count what the files hold, not what is in memory.
+    """
+    tensors: dict[str, str] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with open(file, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        tensors.update({k: _SAFETENSORS_DTYPES[v["dtype"]] for k, v in header.items()
+                        if k != "__metadata__" and v.get("dtype") in _SAFETENSORS_DTYPES})
+    if not tensors:
+        return None
+    values = list(tensors.values())
+    return {"tensors": tensors, "default": max(set(values), key=values.count)}
+
+
+def mark_stored_dtypes(model: nn.Module, folder: Path) -> None:
+    """Remember the checkpoint's stored dtypes on the model (read by ``moe.discover``)."""
+    table = stored_dtypes(folder)
+    if table is not None:
+        setattr(model, STORED_DTYPES_ATTR, table)
 
 
 def _auto_model(path: Path, trust_remote_code: bool, dtype) -> tuple[nn.Module, str]:

@@ -243,7 +243,7 @@ def discover(model: nn.Module) -> MoELayout:
             f"is MoE, add its model_type to mopeq.moe.ARCHS."
         )
     params = dict(model.named_parameters())
-    experts = tuple(e for b in blocks for e in _experts(b, params, dict(model.named_modules())))
+    experts = tuple(e for b in blocks for e in _experts(b, params, dict(model.named_modules()), model))
     tensors = _tensors(model, blocks, spec)
     tc = text_config(config) if config is not None else None
     return MoELayout(
@@ -302,13 +302,14 @@ def _block(path: str, mod: nn.Module, spec: ArchSpec) -> MoEBlock | None:
     return None
 
 
-def _experts(block: MoEBlock, params: dict, modules: dict) -> list[ExpertInfo]:
+def _experts(block: MoEBlock, params: dict, modules: dict, model: nn.Module) -> list[ExpertInfo]:
     out = []
     for e in range(block.num_experts):
         names = {p: f"{block.experts_path}.{e}.{n}"
                  for p, n in zip(PROJECTIONS, ("gate_proj", "up_proj", "down_proj"), strict=True)}
         if block.fused:
-            gu = params[f"{block.experts_path}.gate_up_proj"]
+            key = f"{block.experts_path}.gate_up_proj"
+            gu = params[key]
             h, two_i = gu.shape[1:] if block.transposed else gu.shape[:0:-1]
             i = two_i // 2
             shapes = {"gate": (i, h), "up": (i, h), "down": (h, i)}
@@ -318,8 +319,8 @@ def _experts(block: MoEBlock, params: dict, modules: dict) -> list[ExpertInfo]:
                       for p, m in zip(PROJECTIONS, mods, strict=True)}
             names = {p: f"{block.experts_path}.{e}.{n}"
                      for p, n in zip(PROJECTIONS, block.proj_names, strict=True)}
-            gu = mods[0].weight
-        out.append(ExpertInfo(block.layer, e, names, shapes, dtype_name(gu.dtype)))
+            gu, key = mods[0].weight, f"{names['gate']}.weight"
+        out.append(ExpertInfo(block.layer, e, names, shapes, stored_dtype(model, key, gu)))
     return out
 
 
@@ -331,11 +332,22 @@ def _tensors(model: nn.Module, blocks: list[MoEBlock], spec: ArchSpec) -> tuple[
             continue
         comp = _component(name, p, blocks, spec)
         out.append(TensorInfo(name, tuple(p.shape), comp, name in linear_weights,
-                              dtype_name(p.dtype)))
+                              stored_dtype(model, name, p)))
     for name, buf in model.named_buffers():
         if _persistent(model, name) and buf.is_floating_point() and buf.dim() >= 2:
-            out.append(TensorInfo(name, tuple(buf.shape), "other", False, dtype_name(buf.dtype)))
+            out.append(TensorInfo(name, tuple(buf.shape), "other", False,
+                                  stored_dtype(model, name, buf)))
     return tuple(out)
+
+
+def stored_dtype(model: nn.Module, name: str, tensor: torch.Tensor) -> str:
+    """The dtype ``name`` is stored in: the checkpoint's (when the loader recorded it), else
+    the tensor's own. Unknown names (e.g. fused experts saved per expert) take the checkpoint's
+    most common dtype."""
+    table = getattr(model, "_mopeq_stored_dtypes", None)  # models.STORED_DTYPES_ATTR
+    if table is None:
+        return dtype_name(tensor.dtype)
+    return table["tensors"].get(name, table["default"])
 
 
 def dtype_name(dtype: torch.dtype) -> str:

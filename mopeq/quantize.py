@@ -268,7 +268,8 @@ def _write_checkpoint(result: QuantResult, folder: Path, processor) -> None:
     if prefix:  # a VLM: the unquantized rest of the model beside the quantized language model
         from safetensors.torch import save_file
 
-        rest = {k: v.detach().to(_stored_dtype(v)).contiguous()
+        table = getattr(result.model, "_mopeq_stored_dtypes", None)  # models.mark_stored_dtypes
+        rest = {k: v.detach().to(_stored_dtype(v, table, k)).contiguous()
                 for k, v in result.model.state_dict().items() if not k.startswith(prefix)}
         save_file(rest, str(folder / "rest.safetensors"))
         config = result.model.config.to_dict()
@@ -278,8 +279,11 @@ def _write_checkpoint(result: QuantResult, folder: Path, processor) -> None:
             processor.save_pretrained(folder)
 
 
-def _stored_dtype(t: torch.Tensor) -> torch.dtype:
-    """fp32 stays fp32 (what the model keeps wide), other floats are stored as bf16."""
+def _stored_dtype(t: torch.Tensor, table: dict | None = None, key: str = "") -> torch.dtype:
+    """The checkpoint's dtype of ``key`` when the loader recorded it; else fp32 stays fp32
+    (what the model keeps wide) and other floats are stored as bf16."""
+    if table is not None and t.is_floating_point():
+        return getattr(torch, table["tensors"].get(key, table["default"]))
     return t.dtype if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else (
         torch.bfloat16 if t.is_floating_point() else t.dtype)
 
