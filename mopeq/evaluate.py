@@ -302,6 +302,9 @@ def adapter_for(loaded) -> VLMAdapter:
     Raises:
         ValueError: for a causal language model (no vision tower) or an unknown kind.
     """
+    native = getattr(loaded.model, "mme_adapter", None)  # mopeq.archs models bring their own
+    if callable(native):
+        return native(loaded.processor)
     if loaded.kind == "tiny_vlm":
         return TinyVLMAdapter(loaded.model, loaded.processor)
     if loaded.kind == "vlm":

@@ -20,6 +20,11 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = REPO_ROOT / "assets" / "tiny-moe-vlm"
 EMBEDDED = "embedded"
+# Architectures mopeq implements natively (no remote code), keyed by config.json's model_type;
+# each module provides ``load(path, dtype) -> (model, processor)``. Used even with an auto_map.
+NATIVE_ARCHS = {
+    "deepseek_vl_v2": "mopeq.archs.deepseek_vl2",
+}
 
 
 def embedded_dir() -> Path:
@@ -105,6 +110,11 @@ def _load_dir(path: Path, source: str, trust_remote_code: bool, dtype) -> Loaded
         model, processor = tiny.load(path, dtype=dtype)
         mark_stored_dtypes(model, path)
         return LoadedModel(model, processor, fingerprint_dir(path), source, "tiny_vlm", path)
+    if model_type in NATIVE_ARCHS:
+        import importlib
+
+        model, processor = importlib.import_module(NATIVE_ARCHS[model_type]).load(path, dtype)
+        return LoadedModel(model, processor, fingerprint_dir(path), source, "vlm", path)
     if "auto_map" in config and not trust_remote_code:
         raise ModelLoadError(
             f"{source} needs its own code (auto_map in config.json); pass trust_remote_code=True "

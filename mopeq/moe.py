@@ -65,6 +65,8 @@ ARCHS: dict[str, ArchSpec] = {
     "llama4": ArchSpec(router=("router",), transposed=True),
     "llama4_text": ArchSpec(router=("router",), transposed=True),
     "mopeq_tiny_vlm": ArchSpec(),
+    # mopeq.archs.deepseek_vl2: its learned separator embeddings belong to the vision side
+    "deepseek_vl_v2": ArchSpec(vision=ArchSpec().vision + ("image_newline", "view_seperator")),
 }
 
 
