@@ -114,6 +114,7 @@ def _load_dir(path: Path, source: str, trust_remote_code: bool, dtype) -> Loaded
         import importlib
 
         model, processor = importlib.import_module(NATIVE_ARCHS[model_type]).load(path, dtype)
+        mark_stored_dtypes(model, path)  # key-mapped names fall back to the files' dtype
         return LoadedModel(model, processor, fingerprint_dir(path), source, "vlm", path)
     if "auto_map" in config and not trust_remote_code:
         raise ModelLoadError(
