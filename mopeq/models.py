@@ -27,6 +27,19 @@ def embedded_dir() -> Path:
     return Path(os.environ.get("MOPEQ_EMBEDDED_DIR", EMBEDDED_DIR))
 
 
+# Architectures mopeq implements itself (no remote code), by config.json ``model_type``: the
+# module's ``supports(config_dict)`` says whether it loads a folder, ``load(path, dtype)``
+# returns (model, processor) and ``meta_model(path)`` builds it from the config alone.
+NATIVE_ARCHS: dict[str, str] = {
+    "molmo": "mopeq.archs.molmoe_weights",  # MolmoE-1B: allenai/MolmoE-1B-0924
+}
+# What to tell a user whose remote code failed, by model_type.
+NATIVE_HINTS: dict[str, str] = {
+    "molmo": "mopeq supports MolmoE-1B (allenai/MolmoE-1B-0924) natively: load it without "
+             "--trust-remote-code",
+}
+
+
 class ModelLoadError(ValueError):
     """A model source could not be loaded; the message says why and what to do."""
 
@@ -104,14 +117,50 @@ def _load_dir(path: Path, source: str, trust_remote_code: bool, dtype) -> Loaded
     if model_type == tiny.MODEL_TYPE:
         model, processor = tiny.load(path, dtype=dtype)
         return LoadedModel(model, processor, fingerprint_dir(path), source, "tiny_vlm", path)
+    native = native_arch(config)
+    if native is not None:
+        model, processor = native.load(path, dtype)
+        return LoadedModel(model, processor, fingerprint_dir(path), source, "vlm", path)
     if "auto_map" in config and not trust_remote_code:
         raise ModelLoadError(
             f"{source} needs its own code (auto_map in config.json); pass trust_remote_code=True "
             "(--trust-remote-code) only if you trust its authors"
         )
-    model, kind = _auto_model(path, trust_remote_code, dtype)
+    if "auto_map" in config:  # the user opted in to the model's own code
+        try:
+            model, kind = _remote_model(path, config, dtype)
+        except Exception as exc:  # noqa: BLE001 - any failure of its code is reported as such
+            raise ModelLoadError(remote_code_failure(config, exc)) from None
+    else:
+        model, kind = _auto_model(path, trust_remote_code, dtype)
     processor = _auto_processor(path, trust_remote_code)
     return LoadedModel(model.eval(), processor, fingerprint_dir(path), source, kind, path)
+
+
+def native_arch(config: dict):
+    """The native implementation module for a ``config.json`` dict, or None."""
+    module = NATIVE_ARCHS.get(config.get("model_type", ""))
+    if module is None:
+        return None
+    import importlib
+
+    arch = importlib.import_module(module)
+    return arch if arch.supports(config) else None
+
+
+def remote_code_failure(config: dict, exc: BaseException) -> str:
+    """One line for a failure inside a model's own code: what failed and what to do."""
+    import transformers
+
+    version = ".".join(transformers.__version__.split(".")[:2])
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    hint = NATIVE_HINTS.get(config.get("model_type", ""))
+    if hint is None:
+        written = config.get("transformers_version")
+        hint = (f"pin the transformers version its code was written for ({written})" if written
+                else "pin the transformers version its code was written for")
+    return (f"the model's own code failed on transformers {version}: {type(exc).__name__}: "
+            f"{first}; {hint}")
 
 
 def _auto_model(path: Path, trust_remote_code: bool, dtype) -> tuple[nn.Module, str]:
@@ -125,6 +174,28 @@ def _auto_model(path: Path, trust_remote_code: bool, dtype) -> tuple[nn.Module, 
         except (ValueError, KeyError, OSError) as exc:
             errors.append(f"{cls.__name__}: {str(exc)[:200]}")
     raise ModelLoadError(f"could not load {path} as a causal LM or a VLM: " + " | ".join(errors))
+
+
+def _remote_model(path: Path, config: dict, dtype) -> tuple[nn.Module, str]:
+    """The class its ``auto_map`` names (a causal LM, else a VLM), with its own code."""
+    import transformers
+
+    auto_map = config["auto_map"]
+    for name, kind in (("AutoModelForCausalLM", "causal_lm"),
+                       ("AutoModelForImageTextToText", "vlm"), ("AutoModel", "causal_lm")):
+        if name in auto_map:
+            cls = getattr(transformers, name)
+            return cls.from_pretrained(path, dtype=dtype, trust_remote_code=True,
+                                       device_map="cpu"), kind
+    raise ModelLoadError(f"{path}: auto_map names no model class ({sorted(auto_map)})")
+
+
+def is_remote_code_error(exc: BaseException) -> bool:
+    """Whether an exception was raised inside code a model brought (the hub modules cache)."""
+    import traceback
+
+    return any("transformers_modules" in frame.filename
+               for frame in traceback.extract_tb(exc.__traceback__))
 
 
 def _auto_processor(path: Path, trust_remote_code: bool):
