@@ -8,6 +8,7 @@ cache of expensive results.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -201,12 +202,49 @@ def is_remote_code_error(exc: BaseException) -> bool:
 def _auto_processor(path: Path, trust_remote_code: bool):
     from transformers import AutoProcessor, AutoTokenizer
 
-    for cls in (AutoProcessor, AutoTokenizer):
-        try:
-            return cls.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except Exception:  # noqa: BLE001,S112 - a model without a processor is still usable
-            continue
-    return None
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - e.g. a video processor that needs torchvision
+        pass
+    image_only = image_processor_only(path)
+    if image_only is not None:
+        return image_only
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - a model without a processor is still usable
+        return None
+
+
+def image_processor_only(path: Path):
+    """The model's processor from its image processor and tokenizer, without the video part.
+
+    transformers' MoE VLM processors (Qwen3-VL-MoE, GLM-4V-MoE, ...) build a video processor
+    that needs torchvision; MME-style questions need only images. None when the folder has no
+    image processor or the model type has no known processor class.
+    """
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    if not (path / "preprocessor_config.json").exists():
+        return None
+    model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "", None)
+    if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
+        return None
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - no usable image processor or tokenizer here
+        return None
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # ProcessorMixin takes its sub-processors from this signature: no video processor
+        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    image_only = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    template = getattr(tokenizer, "chat_template", None)
+    return image_only(image_processor, tokenizer, chat_template=template)
 
 
 # ----------------------------------------------------------------------- fingerprints

@@ -43,7 +43,7 @@ class ArchSpec:
                                                     ("w1", "w3", "w2"))
     vision: tuple[str, ...] = ("visual", "vision_tower", "vision_model", "vision",
                                "multi_modal_projector", "projector", "mm_projector", "aligner",
-                               "vision_embed", "patch_embed")
+                               "vision_embed", "patch_embed", "vision_backbone", "connector")
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "moe_k", "top_k", "moe_top_k",
                                      "moe_topk")
 
@@ -65,6 +65,8 @@ ARCHS: dict[str, ArchSpec] = {
     "llama4": ArchSpec(router=("router",), transposed=True),
     "llama4_text": ArchSpec(router=("router",), transposed=True),
     "mopeq_tiny_vlm": ArchSpec(),
+    # MolmoE (mopeq.archs.molmoe): OLMoE experts under language_model, CLIP + connector vision
+    "molmo": ArchSpec(),
 }
 
 
