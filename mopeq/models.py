@@ -226,7 +226,9 @@ def image_processor_only(path: Path):
     from transformers import AutoImageProcessor, AutoTokenizer
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    if not (path / "preprocessor_config.json").exists():
+    nested = path / "processor_config.json"  # transformers 5 nests sub-processors here
+    if not (path / "preprocessor_config.json").exists() and not (
+            nested.exists() and "image_processor" in json.loads(nested.read_text())):
         return None
     model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
     cls = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "", None)
