@@ -204,11 +204,9 @@ def _tokenize(text: str, tokenizer, model) -> tuple[torch.Tensor, str]:
 
 def _vlm_data(processor, n_batches, batch_size, seed) -> CalibData:
     native = hasattr(processor, "calibration_batch")  # mopeq.archs processors
-    if not native and (getattr(processor, "image_processor", None) is None
-                       or not hasattr(processor, "apply_chat_template")):
-        raise ValueError(f"VLM calibration needs the model's processor with an image processor "
-                         f"and a chat template, got {type(processor).__name__}: add the "
-                         f"processor files (preprocessor_config.json) to the model folder")
+    if not native and not hasattr(processor, "apply_chat_template"):
+        raise ValueError("VLM calibration needs the model's processor with a chat template "
+                         "(load the model with mopeq.models.load_model)")
     samples = _samples(n_batches * batch_size, seed)
     make = _native_vlm_batch if native else _vlm_batch
     batches = [make(samples[i * batch_size:(i + 1) * batch_size], processor)
@@ -216,7 +214,8 @@ def _vlm_data(processor, n_batches, batch_size, seed) -> CalibData:
     for b in batches:
         if not any(k in b for k in IMAGE_KEYS):
             raise ValueError(f"a VLM calibration batch holds no image (keys {sorted(b)}): "
-                             f"{type(processor).__name__} did not process the images")
+                             f"{type(processor).__name__} has no image processor; add the "
+                             f"model's processor files (preprocessor_config.json) to its folder")
     desc = (f"vlm:train_stream(seed={seed}):{n_batches}x{batch_size} images x 2 questions:"
             f"processor={type(processor).__name__}:text labels:v{DATA_VERSION}")
     return CalibData(batches, desc)
