@@ -34,6 +34,7 @@ from mopeq.moe import MoELayout, text_config
 
 DATA_VERSION = 1
 IGNORE = -100
+IMAGE_KEYS = ("pixel_values", "images")  # how transformers / mopeq.archs processors pass images
 
 BUILTIN_TEXT = """\
 The harbour town woke slowly in winter. Fishing boats stayed tied to the stone quay, their
@@ -202,15 +203,29 @@ def _tokenize(text: str, tokenizer, model) -> tuple[torch.Tensor, str]:
 
 
 def _vlm_data(processor, n_batches, batch_size, seed) -> CalibData:
-    if processor is None or not hasattr(processor, "apply_chat_template"):
+    native = hasattr(processor, "calibration_batch")  # mopeq.archs processors
+    if not native and not hasattr(processor, "apply_chat_template"):
         raise ValueError("VLM calibration needs the model's processor with a chat template "
                          "(load the model with mopeq.models.load_model)")
     samples = _samples(n_batches * batch_size, seed)
-    batches = [_vlm_batch(samples[i * batch_size:(i + 1) * batch_size], processor)
+    make = _native_vlm_batch if native else _vlm_batch
+    batches = [make(samples[i * batch_size:(i + 1) * batch_size], processor)
                for i in range(n_batches)]
+    for b in batches:
+        if not any(k in b for k in IMAGE_KEYS):
+            raise ValueError(f"a VLM calibration batch holds no image (keys {sorted(b)}): "
+                             f"{type(processor).__name__} has no image processor; add the "
+                             f"model's processor files (preprocessor_config.json) to its folder")
     desc = (f"vlm:train_stream(seed={seed}):{n_batches}x{batch_size} images x 2 questions:"
             f"processor={type(processor).__name__}:text labels:v{DATA_VERSION}")
     return CalibData(batches, desc)
+
+
+def _native_vlm_batch(samples, processor) -> dict:
+    """One row per question through a native processor's own prompt format and labels."""
+    flat = [(s.image, q) for s in samples for q in s.questions]
+    return processor.calibration_batch([im for im, _ in flat], [q.text for _, q in flat],
+                                       [q.answer for _, q in flat])
 
 
 def _vlm_batch(samples, processor) -> dict:

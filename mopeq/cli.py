@@ -96,6 +96,12 @@ def _layout(args):
     if path.is_dir() and (path / "config.json").exists() and not any(path.glob("*.safetensors")):
         from transformers import AutoConfig
 
+        from mopeq.models import native_arch
+
+        native = native_arch(json.loads((path / "config.json").read_text()))
+        if native is not None and hasattr(native, "meta_model"):  # e.g. MolmoE, from its config
+            return None, discover(native.meta_model(path))
+
         return None, layout_from_config(AutoConfig.from_pretrained(
             path, trust_remote_code=getattr(args, "trust_remote_code", False)))
     loaded = _load(args)
@@ -384,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_of(args) -> dict:
+    """``--model``'s config.json as a dict ({} when it is not a local folder)."""
+    path = Path(getattr(args, "model", "") or "") / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = build_parser()
@@ -399,6 +414,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, KeyError):
             msg = f"missing or unknown key {msg!r}"
         print(f"mopeq {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from mopeq.models import is_remote_code_error, remote_code_failure
+
+        if args.debug or not is_remote_code_error(exc):
+            raise
+        print(f"mopeq {args.command}: error: {remote_code_failure(_config_of(args), exc)}",
+              file=sys.stderr)
         return 2
     finally:
         if args.debug:

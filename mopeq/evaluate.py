@@ -307,6 +307,9 @@ def adapter_for(loaded) -> VLMAdapter:
         return native(loaded.processor)
     if loaded.kind == "tiny_vlm":
         return TinyVLMAdapter(loaded.model, loaded.processor)
+    native = getattr(loaded.processor, "mme_adapter", None)  # mopeq.archs: own prompt format
+    if loaded.kind == "vlm" and callable(native):
+        return native(loaded.model)
     if loaded.kind == "vlm":
         return HFVLMAdapter(loaded.model, loaded.processor)
     if loaded.kind == "causal_lm":

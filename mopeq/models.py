@@ -8,6 +8,7 @@ cache of expensive results.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -20,16 +21,27 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = REPO_ROOT / "assets" / "tiny-moe-vlm"
 EMBEDDED = "embedded"
-# Architectures mopeq implements natively (no remote code), keyed by config.json's model_type;
-# each module provides ``load(path, dtype) -> (model, processor)``. Used even with an auto_map.
-NATIVE_ARCHS = {
-    "deepseek_vl_v2": "mopeq.archs.deepseek_vl2",
-}
 
 
 def embedded_dir() -> Path:
     """Where the embedded model lives (``$MOPEQ_EMBEDDED_DIR`` overrides ``assets/``)."""
     return Path(os.environ.get("MOPEQ_EMBEDDED_DIR", EMBEDDED_DIR))
+
+
+# Architectures mopeq implements itself (no remote code), by config.json ``model_type``: the
+# module's ``supports(config_dict)`` says whether it loads a folder, ``load(path, dtype)``
+# returns (model, processor) and ``meta_model(path)`` builds it from the config alone.
+# Used even when config.json has an auto_map. A module without ``supports`` loads every folder
+# of its model_type.
+NATIVE_ARCHS: dict[str, str] = {
+    "molmo": "mopeq.archs.molmoe_weights",  # MolmoE-1B: allenai/MolmoE-1B-0924
+    "deepseek_vl_v2": "mopeq.archs.deepseek_vl2",  # deepseek-ai/deepseek-vl2(-tiny|-small)
+}
+# What to tell a user whose remote code failed, by model_type.
+NATIVE_HINTS: dict[str, str] = {
+    "molmo": "mopeq supports MolmoE-1B (allenai/MolmoE-1B-0924) natively: load it without "
+             "--trust-remote-code",
+}
 
 
 class ModelLoadError(ValueError):
@@ -110,10 +122,9 @@ def _load_dir(path: Path, source: str, trust_remote_code: bool, dtype) -> Loaded
         model, processor = tiny.load(path, dtype=dtype)
         mark_stored_dtypes(model, path)
         return LoadedModel(model, processor, fingerprint_dir(path), source, "tiny_vlm", path)
-    if model_type in NATIVE_ARCHS:
-        import importlib
-
-        model, processor = importlib.import_module(NATIVE_ARCHS[model_type]).load(path, dtype)
+    native = native_arch(config)
+    if native is not None:
+        model, processor = native.load(path, dtype)
         mark_stored_dtypes(model, path)  # key-mapped names fall back to the files' dtype
         return LoadedModel(model, processor, fingerprint_dir(path), source, "vlm", path)
     if "auto_map" in config and not trust_remote_code:
@@ -121,7 +132,13 @@ def _load_dir(path: Path, source: str, trust_remote_code: bool, dtype) -> Loaded
             f"{source} needs its own code (auto_map in config.json); pass trust_remote_code=True "
             "(--trust-remote-code) only if you trust its authors"
         )
-    model, kind = _auto_model(path, trust_remote_code, dtype)
+    if "auto_map" in config:  # the user opted in to the model's own code
+        try:
+            model, kind = _remote_model(path, config, dtype)
+        except Exception as exc:  # noqa: BLE001 - any failure of its code is reported as such
+            raise ModelLoadError(remote_code_failure(config, exc)) from None
+    else:
+        model, kind = _auto_model(path, trust_remote_code, dtype)
     mark_stored_dtypes(model, path)
     processor = _auto_processor(path, trust_remote_code)
     return LoadedModel(model.eval(), processor, fingerprint_dir(path), source, kind, path)
@@ -158,6 +175,32 @@ def mark_stored_dtypes(model: nn.Module, folder: Path) -> None:
         setattr(model, STORED_DTYPES_ATTR, table)
 
 
+def native_arch(config: dict):
+    """The native implementation module for a ``config.json`` dict, or None."""
+    module = NATIVE_ARCHS.get(config.get("model_type", ""))
+    if module is None:
+        return None
+    import importlib
+
+    arch = importlib.import_module(module)
+    return arch if getattr(arch, "supports", lambda _c: True)(config) else None
+
+
+def remote_code_failure(config: dict, exc: BaseException) -> str:
+    """One line for a failure inside a model's own code: what failed and what to do."""
+    import transformers
+
+    version = ".".join(transformers.__version__.split(".")[:2])
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    hint = NATIVE_HINTS.get(config.get("model_type", ""))
+    if hint is None:
+        written = config.get("transformers_version")
+        hint = (f"pin the transformers version its code was written for ({written})" if written
+                else "pin the transformers version its code was written for")
+    return (f"the model's own code failed on transformers {version}: {type(exc).__name__}: "
+            f"{first}; {hint}")
+
+
 def _auto_model(path: Path, trust_remote_code: bool, dtype) -> tuple[nn.Module, str]:
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -171,15 +214,76 @@ def _auto_model(path: Path, trust_remote_code: bool, dtype) -> tuple[nn.Module, 
     raise ModelLoadError(f"could not load {path} as a causal LM or a VLM: " + " | ".join(errors))
 
 
+def _remote_model(path: Path, config: dict, dtype) -> tuple[nn.Module, str]:
+    """The class its ``auto_map`` names (a causal LM, else a VLM), with its own code."""
+    import transformers
+
+    auto_map = config["auto_map"]
+    for name, kind in (("AutoModelForCausalLM", "causal_lm"),
+                       ("AutoModelForImageTextToText", "vlm"), ("AutoModel", "causal_lm")):
+        if name in auto_map:
+            cls = getattr(transformers, name)
+            return cls.from_pretrained(path, dtype=dtype, trust_remote_code=True,
+                                       device_map="cpu"), kind
+    raise ModelLoadError(f"{path}: auto_map names no model class ({sorted(auto_map)})")
+
+
+def is_remote_code_error(exc: BaseException) -> bool:
+    """Whether an exception was raised inside code a model brought (the hub modules cache)."""
+    import traceback
+
+    return any("transformers_modules" in frame.filename
+               for frame in traceback.extract_tb(exc.__traceback__))
+
+
 def _auto_processor(path: Path, trust_remote_code: bool):
     from transformers import AutoProcessor, AutoTokenizer
 
-    for cls in (AutoProcessor, AutoTokenizer):
-        try:
-            return cls.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except Exception:  # noqa: BLE001,S112 - a model without a processor is still usable
-            continue
-    return None
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - e.g. a video processor that needs torchvision
+        pass
+    image_only = image_processor_only(path)
+    if image_only is not None:
+        return image_only
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - a model without a processor is still usable
+        return None
+
+
+def image_processor_only(path: Path):
+    """The model's processor from its image processor and tokenizer, without the video part.
+
+    transformers' MoE VLM processors (Qwen3-VL-MoE, GLM-4V-MoE, ...) build a video processor
+    that needs torchvision; MME-style questions need only images. None when the folder has no
+    image processor or the model type has no known processor class.
+    """
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    nested = path / "processor_config.json"  # transformers 5 nests sub-processors here
+    if not (path / "preprocessor_config.json").exists() and not (
+            nested.exists() and "image_processor" in json.loads(nested.read_text())):
+        return None
+    model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
+    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "", None)
+    if cls is None or "video_processor" not in inspect.signature(cls.__init__).parameters:
+        return None
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - no usable image processor or tokenizer here
+        return None
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # ProcessorMixin takes its sub-processors from this signature: no video processor
+        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    image_only = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    template = getattr(tokenizer, "chat_template", None)
+    return image_only(image_processor, tokenizer, chat_template=template)
 
 
 # ----------------------------------------------------------------------- fingerprints

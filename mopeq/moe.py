@@ -43,7 +43,7 @@ class ArchSpec:
                                                     ("w1", "w3", "w2"))
     vision: tuple[str, ...] = ("visual", "vision_tower", "vision_model", "vision",
                                "multi_modal_projector", "projector", "mm_projector", "aligner",
-                               "vision_embed", "patch_embed")
+                               "vision_embed", "patch_embed", "vision_backbone", "connector")
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "moe_k", "top_k", "moe_top_k",
                                      "moe_topk")
 
@@ -67,6 +67,8 @@ ARCHS: dict[str, ArchSpec] = {
     "mopeq_tiny_vlm": ArchSpec(),
     # mopeq.archs.deepseek_vl2: its learned separator embeddings belong to the vision side
     "deepseek_vl_v2": ArchSpec(vision=ArchSpec().vision + ("image_newline", "view_seperator")),
+    # MolmoE (mopeq.archs.molmoe): OLMoE experts under language_model, CLIP + connector vision
+    "molmo": ArchSpec(),
 }
 
 

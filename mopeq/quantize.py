@@ -275,8 +275,8 @@ def _write_checkpoint(result: QuantResult, folder: Path, processor) -> None:
         config = result.model.config.to_dict()
         config["quantized_language_model"] = "language_model"
         (folder / "config.json").write_text(json.dumps(config, indent=1))
-        if processor is not None:
-            processor.save_pretrained(folder)
+    if processor is not None:  # tokenizer and image-processor files: needed to evaluate
+        processor.save_pretrained(folder)
 
 
 def _stored_dtype(t: torch.Tensor, table: dict | None = None, key: str = "") -> torch.dtype:
