@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mopeq import methods
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
 
 
@@ -141,7 +143,8 @@ def cmd_profile(args) -> int:
     if loaded is None:
         raise ValueError("profiling needs weights; this folder holds only a config")
     config = ProfileConfig(probes=args.probes, seed=args.seed, closed_form=args.closed_form,
-                           normalize_per_layer=args.normalize)
+                           normalize_per_layer=args.normalize, group_size=args.group_size,
+                           max_cost_s=args.max_cost_s or None)
     scores = sensitivity(loaded, layout, args.method, config, CalibConfig(seed=args.seed),
                          on_progress=None if args.json else _stderr_progress)
     out = scores.to_json()
@@ -308,10 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("profile", help="per-expert sensitivity scores")
     model_args(sp)
-    sp.add_argument("--method", default="frobenius",
-                    choices=["frobenius", "hessian", "fisher", "frequency"])
+    sp.add_argument("--method", default="frobenius", choices=list(methods.NAMES),
+                    help="; ".join(f"{m.name}: {m.label}" for m in methods.TABLE))
     sp.add_argument("--probes", type=int, default=None,
                     help="Hutchinson probes (frobenius: 100; hessian: cap 64)")
+    sp.add_argument("--group-size", type=int, default=128,
+                    help="block_error / block_fisher / measured: RTN group size")
+    sp.add_argument("--max-cost-s", type=float, default=900.0,
+                    help="measured: refuse when the estimated time exceeds this (0: no limit)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--closed-form", action="store_true",
                     help="frobenius: the exact (n-1)/(n||W||) instead of Hutchinson")
