@@ -270,6 +270,35 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_sensitivity_report(args) -> int:
+    """Every sensitivity method against the measured ground truth (markdown + JSON)."""
+    from mopeq.sens_report import ReportConfig, markdown, sensitivity_report, write_report
+
+    config = ReportConfig(methods=args.methods, targets=args.targets, group_size=args.group_size,
+                          n_batches=args.n_batches, batch_size=args.batch_size, pairs=args.pairs)
+    report = sensitivity_report(_load(args), config, on_progress=_stderr_progress)
+    out = write_report(report, args.out)
+    print(markdown(report))
+    print(f"wrote {out / 'sensitivity_report.md'} and .json", file=sys.stderr)
+    return 0
+
+
+def _names_arg(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for n in names:
+        if n not in methods.NAMES:
+            raise argparse.ArgumentTypeError(f"unknown method {n!r}; choose from {methods.NAMES}")
+    return names
+
+
+def _floats_arg(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -376,6 +405,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--group-size", type=int, default=128)
     sp.add_argument("--out", default="study")
     sp.set_defaults(func=cmd_study)
+
+    sp = sub.add_parser("sensitivity-report",
+                        help="rank every sensitivity method against the measured ground truth")
+    model_args(sp)
+    sp.add_argument("--methods", type=_names_arg, default=methods.NAMES,
+                    help="comma-separated (default: all)")
+    sp.add_argument("--targets", type=_floats_arg, default=(2.5, 3.0),
+                    help="average bits of the budget allocations to realise")
+    sp.add_argument("--group-size", type=int, default=128)
+    sp.add_argument("--n-batches", type=int, default=4)
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--pairs", type=int, default=None, help="evaluation pairs (default: all)")
+    sp.add_argument("--out", default="sensitivity_report")
+    sp.set_defaults(func=cmd_sensitivity_report)
     return p
 
 
