@@ -238,8 +238,11 @@ def sensitivity_report(loaded, config: ReportConfig = ReportConfig(),
         progress((k + 1) / (len(names) + 1), f"{m}: reliability and allocations")
         rows.append(_row(loaded, layout, m, scores, ref_heldout, config, data, heldout,
                          baseline, rtn))
+    base_eval = baseline["eval"]
     meta = {"model": loaded.source, "fingerprint": loaded.fingerprint,
             "experts": int(scores["measured"].scores.size), "heldout": heldout.description,
+            "baseline_score": None if base_eval is None else base_eval.score,
+            "eval_questions": None if base_eval is None else len(base_eval.records),
             "config": dataclasses.asdict(config)}
     progress(1.0, "report done")
     return Report(rows, scores, "measured", data.description, meta)

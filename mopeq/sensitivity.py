@@ -19,13 +19,15 @@
   projections' share of the expert's weights.
 - ``block_error`` (``mopeq.block_error``, one forward pass): per expert and candidate width b,
   the exact squared change of its MoE layer's output on the calibration tokens when that expert
-  alone is RTN-quantized to b bits, ``sum_t g_e(x_t)^2 ||E_e^q(x_t) - E_e(x_t)||^2``.
+  alone is RTN-quantized to b bits, ``sum_t g_e(x_t)^2 ||E_e^q(x_t) - E_e(x_t)||^2``;
+  ``block_fisher`` weights that change by the Fisher of the answer distribution at the layer
+  output (sampled answers, ``fisher_samples``, ``seed``): a second-order estimate of the KL.
 - ``measured`` (``mopeq.measured``, experts x widths forward passes): the ground truth, the
   answer KL to the 16-bit model with that expert alone RTN-quantized to b bits.
 
-The last two fill ``errors`` [L, E, widths of ``config.bits``] (their own ε_e(b), which the
-budget allocator uses directly) and score by the error at the lowest width. The method table
-(names, data needs, labels) is ``mopeq.methods``.
+The block methods and ``measured`` fill ``errors`` [L, E, widths of ``config.bits``] (their
+own ε_e(b), which the budget allocator uses directly) and score by the error at the lowest
+width. The method table (names, data needs, labels) is ``mopeq.methods``.
 
 Inactive experts (no tokens routed on the data) have no data-aware signal (exactly zero
 gradient). For ``hessian`` and ``fisher`` their ``scores`` and parts are filled by
