@@ -275,3 +275,14 @@ def test_cache_keys_hold_the_quantizer_settings(olmoe, tmp_path, monkeypatch):
                                                                 sym=False), data)
     assert not other.meta["cache_hit"] and not np.array_equal(other.errors, first.errors)
     assert "group_size" not in ProfileConfig().settings("hessian")  # old keys unchanged
+
+
+@pytest.mark.parametrize("name", ["transposed", "transposed_sorted"])
+def test_block_fisher_runs_on_transposed_layouts(name):
+    model = MODELS[name]()
+    layout, data = moe.discover(model), random_data()
+    s = profile(model, layout, "block_fisher", CFG, data)
+    plain = profile(model, layout, "block_error", CFG, data)
+    np.testing.assert_array_equal(s.tokens, plain.tokens)
+    assert np.isfinite(s.errors).all() and (s.errors >= 0).all()
+    assert (s.errors[s.tokens == 0] == 0).all() and s.errors.max() > 0
