@@ -13,7 +13,11 @@ Methods (``AllocConfig.method``):
 - ``frequency``: the same clustering on routing-frequency scores (the caller passes them).
 - ``budget``: per-expert bits minimising the predicted loss ``sum_e score_e * err_e(b_e)``
   (HAWQ-V2 style; ``err`` from ``quant_errors``) under a target in average bits or GB; an exact
-  dynamic programme when it is small, else the convex-hull greedy with a certified gap.
+  dynamic programme when it is small, else the convex-hull greedy with a certified gap. When
+  the scores carry the method's own per-width errors (``Scores.errors``: ``measured``,
+  ``block_error``, ``block_fisher``; ``mopeq.methods`` ``provides_errors``), the predicted
+  loss is ``sum_e eps_e(b_e)`` with those errors directly, no score x error product
+  (``meta["loss_model"]`` says which was used; ``pareto`` and ``predicted_loss`` follow).
 - ``uniform``: every expert at ``uniform_bits``.
 - ``random``: a seeded permutation of a reference map's bits (same multiset, so the same
   average bits), over the whole model or within each layer (``scope``).
@@ -42,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from mopeq.knapsack import DP_MAX_CELLS, DP_MAX_ITEMS, SOLVERS, _hull_steps, solve_mckp
+from mopeq.loss_model import loss_table, method_errors
 from mopeq.memory import (
     FP_BITS,
     LayoutArrays,
@@ -354,19 +359,6 @@ def _kmeans_map(s: np.ndarray, layout: MoELayout, config: AllocConfig, method: s
 
 # ------------------------------------------------------------------------------ budget
 
-def _errors_array(errors, shape: tuple[int, int], bits: tuple[int, ...]) -> np.ndarray:
-    if errors is None:
-        raise ValueError("method 'budget' needs errors=quant_errors(model, layout, bits) "
-                         "(an [L, E, len(bits)] array)")
-    e = np.asarray(errors, dtype=float)
-    if e.shape != (*shape, len(bits)):
-        raise ValueError(f"errors have shape {e.shape}, expected {(*shape, len(bits))} "
-                         f"(MoE layers x experts x bits {bits})")
-    if not np.isfinite(e).all() or (e < 0).any():
-        raise ValueError("errors must be finite and >= 0")
-    return e
-
-
 def _budget_costs(layout: MoELayout, config: AllocConfig) -> tuple[np.ndarray, int, str]:
     """Per-expert costs [L, E, B], the capacity, and the target as text."""
     bits = np.asarray(config.bits)
@@ -389,20 +381,23 @@ def _budget_costs(layout: MoELayout, config: AllocConfig) -> tuple[np.ndarray, i
 
 
 def _budget_map(s: np.ndarray, layout: MoELayout, config: AllocConfig,
-                errors: np.ndarray | None, reference: BitMap | None) -> BitMap:
-    errors = _errors_array(errors, s.shape, config.bits)
+                errors: np.ndarray | None, reference: BitMap | None, scores=None) -> BitMap:
+    losses, model = loss_table(s if scores is None else scores, errors, config.bits)
     costs, cap, target = _budget_costs(layout, config)
     b = len(config.bits)
-    losses = np.clip(s, 0, None)[..., None] * errors
     pick, info = solve_mckp(costs.reshape(-1, b), losses.reshape(-1, b), cap, config.solver)
     bits = np.asarray(config.bits)[pick].reshape(s.shape)
     meta = {"target": target, "predicted_loss": float(losses.reshape(-1, b)[
-        np.arange(pick.size), pick].sum()), "negative_scores_clipped": int((s < 0).sum()), **info}
+        np.arange(pick.size), pick].sum()), "negative_scores_clipped": int((s < 0).sum()),
+        "loss_model": model, **info}
     return _new_map(bits, layout, "budget", config, meta=meta)
 
 
-def predicted_loss(bitmap: BitMap, scores, errors: np.ndarray, bits: tuple[int, ...]) -> float:
+def predicted_loss(bitmap: BitMap, scores, errors: np.ndarray | None,
+                   bits: tuple[int, ...]) -> float:
     """``sum_e max(score_e, 0) * err_e(bits_e)``; experts kept at 16 bits count 0.
+
+    With scores that carry their own errors (``method_errors``): ``sum_e eps_e(bits_e)``.
 
     Raises:
         ValueError: if the map uses a width below 16 that ``bits`` does not hold.
@@ -414,8 +409,9 @@ def predicted_loss(bitmap: BitMap, scores, errors: np.ndarray, bits: tuple[int, 
     if ((idx < 0) & (bitmap.bits < FP_BITS)).any():
         raise ValueError(f"the map uses widths {sorted(set(bitmap.bits.ravel()) - set(bits))} "
                          f"that errors for {bits} do not cover")
-    err = np.take_along_axis(np.asarray(errors), np.maximum(idx, 0)[..., None], -1)[..., 0]
-    return float((np.clip(_as_array(scores), 0, None) * np.where(idx < 0, 0.0, err)).sum())
+    table, _ = loss_table(scores, errors, bits)
+    loss = np.take_along_axis(table, np.maximum(idx, 0)[..., None], -1)[..., 0]
+    return float(np.where(idx < 0, 0.0, loss).sum())
 
 
 def pareto(scores, errors: np.ndarray, layout: MoELayout, bits: tuple[int, ...] = (2, 3, 4),
@@ -431,9 +427,9 @@ def pareto(scores, errors: np.ndarray, layout: MoELayout, bits: tuple[int, ...] 
         ``predicted_loss``.
     """
     mem, bits = mem_config or MemoryConfig(), bit_set(bits)
-    s = scores_array(scores, layout)
+    scores_array(scores, layout)  # validates the shape
     b = len(bits)
-    losses = (np.clip(s, 0, None)[..., None] * _errors_array(errors, s.shape, bits)).reshape(-1, b)
+    losses = loss_table(scores, errors, bits)[0].reshape(-1, b)
     costs = expert_cost_table(layout, bits, mem).reshape(-1, b)
     numel = LayoutArrays.of(layout).expert_numel.reshape(-1)
     nominal = numel[:, None] * np.asarray(bits)
@@ -496,7 +492,8 @@ def allocate(scores, layout: MoELayout, config: AllocConfig | None = None,
             for ``frequency``, routing frequencies.
         layout: the model's MoE layout.
         config: the method and its settings.
-        errors: [L, E, len(bits)] quantization errors (``quant_errors``), for ``budget``.
+        errors: [L, E, len(bits)] quantization errors (``quant_errors``), for ``budget``
+            (not needed when ``scores`` carries its own ``errors``, which are then used).
         reference: for ``random``, the map whose bits are permuted (default: the k-means map of
             the same config).
 
@@ -505,7 +502,10 @@ def allocate(scores, layout: MoELayout, config: AllocConfig | None = None,
     """
     config = config or AllocConfig()
     s = scores_array(scores, layout)
-    bitmap = _HANDLERS[config.method](s, layout, config, errors, reference)
+    if config.method == "budget":
+        bitmap = _budget_map(s, layout, config, errors, reference, scores)
+    else:
+        bitmap = _HANDLERS[config.method](s, layout, config, errors, reference)
     source = getattr(scores, "method", None)
     if isinstance(source, str):
         bitmap.meta["scores"] = source
@@ -536,5 +536,6 @@ def snap_per_layer(bitmap: BitMap, layout: MoELayout, rule: str = "mean") -> Bit
                   numel=LayoutArrays.of(layout).expert_numel)
 
 
-__all__ = ["AllocConfig", "BitMap", "allocate", "pareto", "predicted_loss", "quant_errors",
+__all__ = ["AllocConfig", "BitMap", "allocate", "method_errors", "pareto", "predicted_loss",
+           "quant_errors",
            "rtn", "snap_per_layer", "solve_mckp", "DP_MAX_CELLS", "DP_MAX_ITEMS", "SOLVERS"]

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mopeq import methods
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 Progress = Callable[[float, str], None]
 EMBEDDED = "embedded"
 # the libraries' method names (tests check they match), here to keep ``import app`` light
-SCORE_METHODS = ("frobenius", "hessian", "fisher", "frequency")  # mopeq.sensitivity.METHODS
+SCORE_METHODS = methods.NAMES  # the torch-free method table, as mopeq.sensitivity.METHODS
 ALLOC_METHODS = ("kmeans", "budget", "uniform", "frequency", "random")  # mopeq.allocate.METHODS
 CACHE_SIZE = 2  # loaded models kept; the free Spaces CPU has 16 GB
 MEMO_SIZE = 16  # scores / error tables remembered per model

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mopeq import methods
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
 
 
@@ -153,7 +155,8 @@ def cmd_profile(args) -> int:
     if loaded is None:
         raise ValueError("profiling needs weights; this folder holds only a config")
     config = ProfileConfig(probes=args.probes, seed=args.seed, closed_form=args.closed_form,
-                           normalize_per_layer=args.normalize)
+                           normalize_per_layer=args.normalize, group_size=args.group_size,
+                           max_cost_s=args.max_cost_s or None)
     scores = sensitivity(loaded, layout, args.method, config, CalibConfig(seed=args.seed),
                          on_progress=None if args.json else _stderr_progress)
     out = scores.to_json()
@@ -279,6 +282,35 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_sensitivity_report(args) -> int:
+    """Every sensitivity method against the measured ground truth (markdown + JSON)."""
+    from mopeq.sens_report import ReportConfig, markdown, sensitivity_report, write_report
+
+    config = ReportConfig(methods=args.methods, targets=args.targets, group_size=args.group_size,
+                          n_batches=args.n_batches, batch_size=args.batch_size, pairs=args.pairs)
+    report = sensitivity_report(_load(args), config, on_progress=_stderr_progress)
+    out = write_report(report, args.out)
+    print(markdown(report))
+    print(f"wrote {out / 'sensitivity_report.md'} and .json", file=sys.stderr)
+    return 0
+
+
+def _names_arg(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for n in names:
+        if n not in methods.NAMES:
+            raise argparse.ArgumentTypeError(f"unknown method {n!r}; choose from {methods.NAMES}")
+    return names
+
+
+def _floats_arg(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -326,10 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("profile", help="per-expert sensitivity scores")
     model_args(sp)
-    sp.add_argument("--method", default="frobenius",
-                    choices=["frobenius", "hessian", "fisher", "frequency"])
+    sp.add_argument("--method", default="frobenius", choices=list(methods.NAMES),
+                    help="; ".join(f"{m.name}: {m.label}" for m in methods.TABLE))
     sp.add_argument("--probes", type=int, default=None,
                     help="Hutchinson probes (frobenius: 100; hessian: cap 64)")
+    sp.add_argument("--group-size", type=int, default=128,
+                    help="block_error / block_fisher / measured: RTN group size")
+    sp.add_argument("--max-cost-s", type=float, default=900.0,
+                    help="measured: refuse when the estimated time exceeds this (0: no limit)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--closed-form", action="store_true",
                     help="frobenius: the exact (n-1)/(n||W||) instead of Hutchinson")
@@ -387,6 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--group-size", type=int, default=128)
     sp.add_argument("--out", default="study")
     sp.set_defaults(func=cmd_study)
+
+    sp = sub.add_parser("sensitivity-report",
+                        help="rank every sensitivity method against the measured ground truth")
+    model_args(sp)
+    sp.add_argument("--methods", type=_names_arg, default=methods.NAMES,
+                    help="comma-separated (default: all)")
+    sp.add_argument("--targets", type=_floats_arg, default=(2.5, 3.0),
+                    help="average bits of the budget allocations to realise")
+    sp.add_argument("--group-size", type=int, default=128)
+    sp.add_argument("--n-batches", type=int, default=4)
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--pairs", type=int, default=None, help="evaluation pairs (default: all)")
+    sp.add_argument("--out", default="sensitivity_report")
+    sp.set_defaults(func=cmd_sensitivity_report)
     return p
 
 

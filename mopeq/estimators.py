@@ -1,9 +1,15 @@
-"""The four per-expert estimators behind ``mopeq.sensitivity.profile``.
+"""The per-expert estimators behind ``mopeq.sensitivity.profile``.
 
 Each takes ``(model, layout, config, data, progress)`` and returns raw per-(MoE layer, expert)
 arrays that ``profile`` turns into ``Scores``. Expert tensors are read in one canonical
 [experts, out, in] view per projection whatever the storage (fused, transposed fused, or an
 ``nn.ModuleList`` of linears), so every layout gets identical probes and identical numbers.
+``block_error`` and ``measured`` live in modules of their own and are registered here.
+
+The gradient methods check that the loss reaches the experts: a model whose expert path runs
+under ``torch.no_grad`` (DeepSeek-VL2's remote-code ``moe_infer`` at inference) raises
+``NoExpertGradient`` naming the cause instead of autograd's "element 0 of tensors does not
+require grad".
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mopeq.block_error import _block_error, _block_fisher
 from mopeq.calibration import batch_loss, expert_grad_mode, route_counts
+from mopeq.measured import _measured
 from mopeq.moe import PROJECTIONS, MoEBlock, MoELayout
 
 _CHUNK = 2**22  # elements of one frobenius probe batch (memory bound)
@@ -116,6 +124,47 @@ def _norm_hutchinson(w: torch.Tensor, probes: int, gen) -> tuple[np.ndarray, np.
     return est.mean(0).numpy(), est.var(0).numpy()
 
 
+# --------------------------------------------------------------------------- gradients
+
+
+class NoExpertGradient(ValueError):
+    """The calibration loss does not depend on the expert weights through autograd."""
+
+
+def _no_grad_message(where: str) -> str:
+    return (f"no gradient reaches the routed experts ({where}): the model computes its expert "
+            "path under torch.no_grad (as DeepSeek-VL2's remote-code moe_infer does at "
+            "inference), so hessian and fisher cannot differentiate the loss w.r.t. the expert "
+            "weights. Use a forward-only method (block_error, measured) or a data-free one "
+            "(frobenius), or load an implementation whose experts run with autograd")
+
+
+def _grads(loss, params, layout, counts, create_graph: bool = False) -> tuple:
+    """Gradients of the loss w.r.t. params; zeros for unused ones (unrouted ModuleList experts).
+
+    Raises:
+        NoExpertGradient: when the loss has no graph, or a whole MoE block got no gradient.
+    """
+    if not loss.requires_grad:
+        raise NoExpertGradient(_no_grad_message("the loss does not require grad"))
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+    start = 0
+    for block, n in zip(layout.blocks, counts, strict=True):
+        if all(g is None for g in grads[start:start + n]):
+            raise NoExpertGradient(_no_grad_message(f"none reaches {block.experts_path}"))
+        start += n
+    return tuple(torch.zeros_like(p) if g is None else g
+                 for g, p in zip(grads, params, strict=True))
+
+
+def _hvp(g, params, flat) -> tuple:
+    """Hessian-vector product from the first gradient ``g`` (entries without a graph add 0)."""
+    live = [i for i, t in enumerate(g) if t.requires_grad]
+    hv = torch.autograd.grad([g[i] for i in live], params, grad_outputs=[flat[i] for i in live],
+                             retain_graph=True, allow_unused=True)
+    return tuple(torch.zeros_like(p) if h is None else h for h, p in zip(hv, params, strict=True))
+
+
 # --------------------------------------------------------------------------- data-aware
 
 
@@ -176,11 +225,12 @@ def _hessian(model, layout, config, data, progress) -> dict:
                       for _ in range(min(config.probes_per_pass, cap - len(dots)))]
             acc = [np.zeros((layout.num_moe_layers, layout.num_experts, 3)) for _ in probes]
             for k, batch in enumerate(data.batches):
-                g = kept.get(k) or _first_grad(model, batch, params, config.loss)
+                g = kept.get(k) or _first_grad(model, batch, params, config.loss, layout,
+                                               counts)
                 if len(data.batches) == 1:
                     kept[k] = g  # one batch: its graph serves every probe
                 for a, (canon, flat) in zip(acc, probes, strict=True):
-                    hv = torch.autograd.grad(g, params, grad_outputs=flat, retain_graph=True)
+                    hv = _hvp(g, params, flat)
                     a += weight * _slice_dots(layout, counts, canon, hv)
             dots += acc
             stop = _stop_index(dots, config.tol, floor)
@@ -189,8 +239,8 @@ def _hessian(model, layout, config, data, progress) -> dict:
     return _trace_result(dots, layout, tokens, converged=stop is not None, cap=cap)
 
 
-def _first_grad(model, batch, params, loss) -> tuple[torch.Tensor, ...]:
-    return torch.autograd.grad(batch_loss(model, batch, loss), params, create_graph=True)
+def _first_grad(model, batch, params, loss, layout, counts) -> tuple[torch.Tensor, ...]:
+    return _grads(batch_loss(model, batch, loss), params, layout, counts, create_graph=True)
 
 
 def _trace_result(dots: np.ndarray, layout, tokens, converged: bool, cap: int) -> dict:
@@ -210,7 +260,7 @@ def _fisher(model, layout, config, data, progress) -> dict:
     acc = np.zeros((layout.num_moe_layers, layout.num_experts, 3))
     with expert_grad_mode(model, params):
         for k, batch in enumerate(data.batches):
-            grads = torch.autograd.grad(batch_loss(model, batch, config.loss), params)
+            grads = _grads(batch_loss(model, batch, config.loss), params, layout, counts)
             acc += _slice_dots(layout, counts, None, grads)
             progress(0.3 + 0.7 * (k + 1) / len(data.batches), f"fisher: batch {k + 1}")
     acc /= len(data.batches)
@@ -229,5 +279,7 @@ def _frequency(model, layout, _config, data, progress) -> dict:
             "meta": {"score_unit": "top-k assignments"}}
 
 
+# one entry per row of mopeq.methods.TABLE
 ESTIMATORS = {"frobenius": _frobenius, "hessian": _hessian, "fisher": _fisher,
-            "frequency": _frequency}
+              "frequency": _frequency, "block_error": _block_error, "block_fisher": _block_fisher,
+              "measured": _measured}

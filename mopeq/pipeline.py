@@ -55,10 +55,11 @@ def sensitivity(loaded: LoadedModel, layout: MoELayout, method: str,
                 config: ProfileConfig = ProfileConfig(), calib: CalibConfig = CalibConfig(),
                 on_progress: Progress = None) -> Scores:
     """Per-expert scores by ``method`` (cached); builds calibration data when needed."""
+    from mopeq import methods
     from mopeq.calibration import calibration_batches
 
     data = None
-    if method in ("hessian", "fisher", "frequency"):
+    if methods.info(method).needs_data:
         data = calibration_batches(loaded, n_batches=calib.n_batches,
                                    batch_size=calib.batch_size, seed=calib.seed)
     return profile(loaded.model, layout, method, config, data=data, on_progress=on_progress,
@@ -99,7 +100,7 @@ def allocation(scores, layout: MoELayout, config: AllocConfig, *, snap: str | No
         bitmap = snap_per_layer(bitmap, layout, snap)
     memory = estimate(layout, bitmap, config.memory)
     result = Allocation(bitmap, memory)
-    if with_pareto and errors is not None:
+    if with_pareto and (errors is not None or getattr(scores, "errors", None) is not None):
         result.pareto = pareto(scores, errors, layout, config.bits, config.memory)
         if set(np.unique(bitmap.bits)) <= set(config.bits):
             result.current = {"gb": memory.gb, "avg_bits": bitmap.avg_bits,

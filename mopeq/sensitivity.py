@@ -17,6 +17,17 @@
   ``scores`` = ``Tr(F_e)/n_e``, ``trace_raw`` = ``Tr(F_e)``.
 - ``frequency``: top-k assignments per expert on the data (a count); the parts split it by the
   projections' share of the expert's weights.
+- ``block_error`` (``mopeq.block_error``, one forward pass): per expert and candidate width b,
+  the exact squared change of its MoE layer's output on the calibration tokens when that expert
+  alone is RTN-quantized to b bits, ``sum_t g_e(x_t)^2 ||E_e^q(x_t) - E_e(x_t)||^2``;
+  ``block_fisher`` weights that change by the Fisher of the answer distribution at the layer
+  output (sampled answers, ``fisher_samples``, ``seed``): a second-order estimate of the KL.
+- ``measured`` (``mopeq.measured``, experts x widths forward passes): the ground truth, the
+  answer KL to the 16-bit model with that expert alone RTN-quantized to b bits.
+
+The block methods and ``measured`` fill ``errors`` [L, E, widths of ``config.bits``] (their
+own ε_e(b), which the budget allocator uses directly) and score by the error at the lowest
+width. The method table (names, data needs, labels) is ``mopeq.methods``.
 
 Inactive experts (no tokens routed on the data) have no data-aware signal (exactly zero
 gradient). For ``hessian`` and ``fisher`` their ``scores`` and parts are filled by
@@ -42,19 +53,21 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from mopeq import cache
+from mopeq import cache, methods
 from mopeq.calibration import CalibData
 from mopeq.estimators import ESTIMATORS
+from mopeq.memory import bit_set
 from mopeq.models import fingerprint_model
 from mopeq.moe import PROJECTIONS, MoELayout
 
 ALGORITHM_VERSION = 1
 STAGE = "sensitivity"
-METHODS = ("frobenius", "hessian", "fisher", "frequency")
-DATA_METHODS = ("hessian", "fisher", "frequency")
+METHODS = methods.NAMES
+DATA_METHODS = methods.DATA_METHODS
 LOSSES = ("ce", "self_kl")
 POLICIES = ("layer_mean", "model_mean", "zero")
-DEFAULT_PROBES = {"frobenius": 100, "hessian": 64}
+DEFAULT_PROBES = methods.DEFAULT_PROBES
+ERROR_METHODS = ("measured", "block_error", "block_fisher")
 
 
 def _used_by(*methods: str, default):
@@ -68,21 +81,29 @@ class ProfileConfig:
     probes: int | None = _used_by("frobenius", "hessian", default=None)  # None: DEFAULT_PROBES
     min_probes: int = _used_by("hessian", default=32)  # no early stop before this many
     tol: float = _used_by("hessian", default=1e-3)  # PyHessian: rel. change of the running mean
-    seed: int = _used_by("frobenius", "hessian", default=0)
+    seed: int = _used_by("frobenius", "hessian", "block_fisher", default=0)
     closed_form: bool = _used_by("frobenius", default=False)
     normalize_per_layer: bool = _used_by(*METHODS, default=False)  # S_e / sum of its layer
     loss: str = _used_by("hessian", "fisher", default="ce")
     inactive_policy: str = _used_by("hessian", "fisher", default="layer_mean")
     probes_per_pass: int = _used_by(default=8)  # probes per graph rebuild; results don't depend
     use_cache: bool = _used_by(default=True)
+    bits: tuple[int, ...] = _used_by(*ERROR_METHODS, default=(2, 3, 4))  # candidate widths
+    group_size: int = _used_by(*ERROR_METHODS, default=128)  # RTN as the export uses it
+    sym: bool = _used_by(*ERROR_METHODS, default=True)
+    max_cost_s: float | None = _used_by(default=900.0)  # measured refuses beyond; None: no cap
+    fisher_samples: int = _used_by("block_fisher", default=4)  # answers sampled per position
 
     def __post_init__(self):
+        object.__setattr__(self, "bits", tuple(w for w in bit_set(self.bits) if w < 16))
         checks = [(self.probes is None or self.probes >= 2, "probes must be >= 2 or None"),
                   (self.min_probes >= 2, "min_probes must be >= 2"),
                   (self.tol >= 0, "tol must be >= 0"),
                   (self.probes_per_pass >= 1, "probes_per_pass must be >= 1"),
                   (self.loss in LOSSES, f"loss must be one of {LOSSES}"),
-                  (self.inactive_policy in POLICIES, f"inactive_policy must be one of {POLICIES}")]
+                  (self.inactive_policy in POLICIES, f"inactive_policy must be one of {POLICIES}"),
+                  (bool(self.bits), "bits needs a width below 16"),
+                  (self.fisher_samples >= 1, "fisher_samples must be >= 1")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"ProfileConfig: {message}")
@@ -130,20 +151,31 @@ class Scores:
     tokens: np.ndarray | None = None  # [L, E] top-k assignments, data methods
     trace_raw: np.ndarray | None = None  # [L, E] Tr(H_e) / Tr(F_e)
     meta: dict = field(default_factory=dict)
+    errors: np.ndarray | None = None  # [L, E, B] the method's own ε_e(b), B = meta["error_bits"]
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # further [L, E, B] tables
+
+    @property
+    def error_bits(self) -> tuple[int, ...] | None:
+        """The widths of ``errors``' last axis (None without errors)."""
+        bits = self.meta.get("error_bits")
+        return None if self.errors is None or bits is None else tuple(int(b) for b in bits)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every array by name (for npz)."""
         out = {"scores": self.scores, **{f"part_{p}": a for p, a in self.per_projection.items()}}
-        for name in ("stderr", "tokens", "trace_raw"):
+        for name in ("stderr", "tokens", "trace_raw", "errors"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
+        out.update({f"extra_{k}": a for k, a in self.extras.items()})
         return out
 
     @classmethod
     def from_arrays(cls, method: str, arrays: dict, meta: dict) -> Scores:
         """Inverse of ``arrays``."""
+        extras = {k[len("extra_"):]: a for k, a in arrays.items() if k.startswith("extra_")}
         return cls(method, arrays["scores"], {p: arrays[f"part_{p}"] for p in PROJECTIONS},
-                   arrays.get("stderr"), arrays.get("tokens"), arrays.get("trace_raw"), meta)
+                   arrays.get("stderr"), arrays.get("tokens"), arrays.get("trace_raw"), meta,
+                   arrays.get("errors"), extras)
 
     def to_json(self) -> dict:
         """JSON-ready dict; arrays as lists of lists (NaN as null), absent ones as null."""
@@ -151,15 +183,20 @@ class Scores:
                 "per_projection": {p: _listed(a) for p, a in self.per_projection.items()},
                 "stderr": _listed(self.stderr), "tokens": _listed(self.tokens),
                 "trace_raw": _listed(self.trace_raw), "elapsed_s": self.meta.get("elapsed_s"),
-                "cache_hit": self.meta.get("cache_hit", False), "meta": self.meta}
+                "cache_hit": self.meta.get("cache_hit", False), "meta": self.meta,
+                "errors": None if self.errors is None else self.errors.tolist(),
+                "extras": {k: a.tolist() for k, a in self.extras.items()}}
 
     @classmethod
     def from_json(cls, d: dict) -> Scores:
         """Inverse of ``to_json``."""
+        errors = d.get("errors")
         return cls(d["method"], _array(d["scores"]),
                    {p: _array(a) for p, a in d["per_projection"].items()},
                    _array(d.get("stderr")), _array(d.get("tokens"), np.int64),
-                   _array(d.get("trace_raw")), dict(d.get("meta", {})))
+                   _array(d.get("trace_raw")), dict(d.get("meta", {})),
+                   None if errors is None else np.array(errors, dtype=np.float64),
+                   {k: np.array(a, dtype=np.float64) for k, a in d.get("extras", {}).items()})
 
     def save(self, path: str | Path) -> None:
         """Write ``path`` as ``.json`` (method, meta) and ``.npz`` (arrays); no pickle."""
@@ -291,7 +328,10 @@ def _finish(method, raw: dict, layout, config, data, elapsed: float) -> Scores:
             "inactive_policy": config.inactive_policy if method in ("hessian", "fisher") else None,
             "policy_applied": bool(method in ("hessian", "fisher") and inactive.any()),
             "algorithm_version": ALGORITHM_VERSION, **raw.get("meta", {})}
-    return Scores(method, scores, parts, stderr, tokens, raw.get("trace_raw"), meta)
+    if raw.get("errors") is not None:
+        meta["error_bits"] = list(config.bits)
+    return Scores(method, scores, parts, stderr, tokens, raw.get("trace_raw"), meta,
+                  raw.get("errors"), raw.get("extras", {}))
 
 
 def _fill_inactive(scores, parts, stderr, inactive, policy):
