@@ -50,6 +50,7 @@ class QuantConfig:
     nsamples: int = 32  # tuned mode only
     seqlen: int = 32  # tuned mode only
     batch_size: int = 8  # tuned mode only
+    seed: int = 0  # tuned mode: SignRound's sampling of calibration batches (reproducible runs)
 
     def __post_init__(self):
         if self.mode not in ("rtn", "tuned"):
@@ -166,7 +167,8 @@ def _autoround(root, tokenizer, cfg, config: QuantConfig, calib):
     if tokenizer is None:
         raise ValueError("auto-round needs the model's tokenizer")
     kwargs = dict(scheme="W4A16", group_size=config.group_size, sym=config.sym,
-                  device_map="cpu", enable_torch_compile=False, layer_config=copy.deepcopy(cfg))
+                  device_map="cpu", enable_torch_compile=False, layer_config=copy.deepcopy(cfg),
+                  seed=config.seed)
     if config.mode == "rtn":
         kwargs.update(iters=0, disable_opt_rtn=True)
     else:
