@@ -425,7 +425,7 @@ def _allocation_panel(w: SimpleNamespace, methods) -> None:
     with gr.Row():
         w.group_size = gr.Dropdown([32, 64, 128], value=128, label="Group size", min_width=80)
         w.base_bits = gr.Dropdown([2, 3, 4, 8, 16], value=4, label="Base bits (non-expert)",
-                                  min_width=80)
+                                  min_width=80, elem_id="base-bits")
         w.seed = gr.Number(value=0, precision=0, label="Seed", min_width=80, elem_id="seed")
 
 
