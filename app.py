@@ -14,16 +14,17 @@ else from ``mopeq.app_state`` and the library. Run locally with ``python app.py`
 
 import functools
 import logging
+import time
 from types import SimpleNamespace
 
 import gradio as gr
 
+from mopeq import app_page as page
 from mopeq import app_state as st
+from mopeq import app_view as view
 from mopeq.app_api import (
     Api,
-    deploy_badge,
     layout_text,
-    memory_text,
     profile_text,
     run_text,
 )
@@ -90,6 +91,8 @@ class Handlers:
 
     def __init__(self, models: st.ModelCache, w: SimpleNamespace):
         self.models, self.w = models, w
+        self.queued = lambda: None  # quantizations in gradio's queue (build_demo sets it)
+        self.run_seconds: list[float] = []  # recent quantize durations, for the queue note
 
     # -- helpers
 
@@ -112,34 +115,31 @@ class Handlers:
         return state.scores[method]
 
     def _method_choices(self, state, view: str | None = None) -> dict:
-        """Dropdown updates listing the methods this session has computed."""
+        """Dropdown updates listing the methods this session has computed.
+
+        ``view``: a method just computed; the heatmap shows it and the allocation uses it.
+        """
         w, names = self.w, list(state.scores)
-        return {w.score_source: gr.update(choices=names),
-                w.view_method: gr.update(choices=names, value=view) if view else
-                gr.update(choices=names)}
+        chosen = {"value": view} if view else {}
+        return {w.score_source: gr.update(choices=names, **chosen),
+                w.view_method: gr.update(choices=names, **chosen)}
 
     def _alloc_updates(self, state, entry, v: dict) -> dict:
-        from mopeq import plots
-
         w, settings = self.w, self._settings(v)
         score = self._scores(state, entry, settings.score_method(v[w.score_source]), v)
-        alloc = state.allocation = st.allocation(entry, score, settings)
-        labels = entry.layout.moe_layers
-        pareto = (plots.pareto_curve(alloc.pareto, current=alloc.current) if alloc.pareto
-                  else None)
-        return {w.bits_plot: plots.bits_heatmap(alloc.bitmap.bits, layer_labels=labels,
-                                                scores=score.scores),
-                w.clusters_df: st.clusters_table(alloc, score),
-                w.memory_md: memory_text(alloc), w.deploy_md: deploy_badge(alloc.bitmap),
-                w.memory_plot: plots.memory_breakdown(alloc.memory.breakdown,
-                                                      reference=st.bf16_breakdown(entry)),
-                w.pareto_plot: pareto}
+        judge = self._scores(state, entry, view.judge_method(v[w.score_source],
+                                                             settings.method), v)
+        alloc = state.allocation = st.allocation(entry, score, settings, judge=judge)
+        return page.alloc_outputs(w, state, entry, alloc, score, judge, settings)
 
     def _view_updates(self, state, entry, v: dict) -> dict:
         w = self.w
-        fig = self._view_figure(state, entry, v[w.view_method], v[w.view_kind], v[w.projection],
-                                v[w.log_view], v)
-        return {w.heatmap: fig}
+        args = (v[w.view_method], v[w.view_kind], v[w.projection], v[w.log_view])
+        score = self._scores(state, entry, args[0], v)
+        bits = None if state.allocation is None else state.allocation.bitmap.bits
+        key = (*args, score.scores, bits)
+        return {w.heatmap: page.heatmap_output(
+            state, key, lambda: self._view_figure(state, entry, *args, v))}
 
     def _view_figure(self, state, entry, method, kind, projection, log, v):
         from mopeq import plots
@@ -173,20 +173,52 @@ class Handlers:
 
     @readable_errors
     def load(self, v: dict, progress=PROGRESS) -> dict:
-        """Load the model and its paper-faithful scores (``allocate`` follows; the first view)."""
+        """Load the model and its paper-faithful scores (``allocate`` follows; the first view).
+
+        An empty box or a failed load leaves the active model in place and says so (the
+        textbox goes back to the active model's source).
+        """
         w, state = self.w, v[self.w.state]
-        progress(0.1, desc=f"loading {v[w.source]}")
-        key = self.models.key(v[w.source], v[w.trust])
-        entry = self.models.get(*key)
+        typed = (v[w.source] or "").strip()
+        if not typed:
+            return self._not_loaded(state, view.empty_source_text(self._active(state)))
+        progress(0.1, desc=f"loading {typed}")
+        key = self.models.key(typed, v[w.trust])
+        try:
+            entry = self.models.get(*key)
+        except ValueError as exc:  # ModelLoadError, NotMoEError: the previous model stays
+            return self._not_loaded(state, view.load_failed_text(typed, str(exc),
+                                                                 self._active(state)))
         state.use_model(key)
         score, cached = st.scores(entry, st.ScoreSpec("frobenius", closed_form=True))
         state.scores["frobenius"] = score  # the paper's score, whatever was shown before
         info = st.layout_summary(entry)
         names = list(state.scores)
-        return {w.layout_md: layout_text(info), w.params_df: st.layout_table(info),
-                w.profile_md: profile_text(score, cached),
+        restored = page.restore_runs(state, v[w.saved_runs], entry.loaded.fingerprint)
+        return {w.layout_md: view.ACTIVE + layout_text(info),
+                w.params_df: st.layout_table(info), w.profile_md: profile_text(score, cached),
                 w.score_source: gr.update(choices=names, value="frobenius"),
-                w.view_method: gr.update(choices=names, value="frobenius")}
+                w.view_method: gr.update(choices=names, value="frobenius"), w.source: key[0],
+                **(self._runs_views(state, entry, v) if restored else
+                   {w.tradeoff_plot: gr.skip(), w.runs_df: gr.skip()})}
+
+    def _active(self, state) -> str | None:
+        return None if state.key is None else state.key[0]
+
+    def _not_loaded(self, state, message: str) -> dict:
+        """Outputs of a load that did not happen: the note, the active model's layout."""
+        w = self.w
+        gr.Warning(message.split("\n")[0].replace("*", "").replace("`", "'"))
+        active = ("" if state.key is None else
+                  "\n\n" + layout_text(st.layout_summary(self.models.get(*state.key))))
+        outputs = {c: gr.skip() for c in _outputs(w, *LOAD_OUT)}
+        return {**outputs, w.layout_md: message + active,
+                w.source: self._active(state) or gr.skip()}
+
+    def _runs_views(self, state, entry, v: dict) -> dict:
+        bf16_gb = sum(st.bf16_breakdown(entry).values()) / 1e9
+        return page.runs_outputs(self.w, state, page.unit(entry), v[self.w.tradeoff_y],
+                                 bf16_gb)
 
     @readable_errors
     def profile(self, v: dict, progress=TRACKED) -> dict:
@@ -204,6 +236,8 @@ class Handlers:
     def allocate(self, v: dict) -> dict:
         """Live: bits, clusters, memory, badge, Pareto and the heatmap's bits."""
         state = v[self.w.state]
+        if state.key is None:  # the first load failed: nothing to allocate for
+            return {c: gr.skip() for c in _outputs(self.w, *ALLOC_OUT)}
         entry = self._entry(state)
         return {**self._alloc_updates(state, entry, v), **self._view_updates(state, entry, v)}
 
@@ -239,8 +273,12 @@ class Handlers:
         group = st.run_group({"method": settings.method, "scores": score.method})
         label = f"#{len(state.runs) + 1} {group} {alloc.bitmap.avg_bits:.2f}b"
         flag = state.new_job("quantize")
+        seed = int(v[w.quant_seed] or 0) if v[w.mode] == "tuned" else 0
+        started = time.perf_counter()
         run = st.quantize_evaluate(entry, alloc, settings, v[w.mode], v[w.pairs], label,
-                                   st.cancellable(flag, _reporter(progress)), scores=score)
+                                   st.cancellable(flag, _reporter(progress)), seed=seed,
+                                   scores=score)
+        self.run_seconds = [*self.run_seconds[-4:], time.perf_counter() - started]
         summary = st.run_summary(run, v[w.pairs])
         state.last_run = run
         state.runs.append(summary)
@@ -248,12 +286,25 @@ class Handlers:
                 run.label: summary["per_category"]}
         cis = {"baseline": {c: r["baseline_ci95"] for c, r in summary["comparison"].items()},
                run.label: {c: r["quantized_ci95"] for c, r in summary["comparison"].items()}}
-        points = st.tradeoff_points(state.runs, alloc.memory.bf16_bytes / 1e9)
-        return {w.run_md: run_text(summary), w.category_df: st.category_table(run),
+        seeded = f" · seed {seed}" if v[w.mode] == "tuned" else ""
+        return {w.run_md: run_text(summary) + seeded,
+                w.category_df: view.readable(st.category_table(run), "{:.1f}"),
                 w.results_plot: plots.results_bars(bars, title="MME per category (95 % CI)",
                                                    intervals=cis),
-                w.tradeoff_plot: plots.tradeoff_scatter(points),
-                w.runs_df: st.runs_table(state.runs)}
+                w.saved_runs: page.saved_runs(state, entry.loaded.fingerprint),
+                **self._runs_views(state, entry, v)}
+
+    def queue_note(self, v: dict) -> str:
+        """Before a quantization joins the queue: whether it waits, and why."""
+        ahead = self.queued()
+        typical = sum(self.run_seconds) / len(self.run_seconds) if self.run_seconds else None
+        return view.queue_text(ahead, typical)
+
+    @readable_errors
+    def tradeoff(self, v: dict) -> dict:
+        """Redraw the runs scatter (the y axis changed)."""
+        state = v[self.w.state]
+        return self._runs_views(state, self._entry(state), v) if state.key else {}
 
     @readable_errors
     def export(self, v: dict, progress=PROGRESS) -> dict:
@@ -284,18 +335,27 @@ class Handlers:
         if trust:
             gr.Warning(TRUST_WARNING)
 
-    @staticmethod
-    def probes_default(method: str) -> dict:
-        """The paper's probe count for frobenius, the Hessian default otherwise."""
-        return gr.update(value=100 if method == "frobenius" else 64)
+    def score_controls(self, method: str, closed_form: bool) -> dict:
+        """Show probes and the closed form only for the methods that use them."""
+        shown = view.score_controls(method, closed_form)
+        return {**page.controls(shown, self.w),
+                self.w.probes: gr.update(visible=shown["probes"],
+                                         value=100 if method == "frobenius" else 64)}
 
     def method_controls(self, method: str) -> dict:
         """Show the controls the allocation method uses."""
-        w, clustered = self.w, method in ("kmeans", "frequency", "random")
-        return {w.clusters: gr.update(visible=clustered), w.scope: gr.update(visible=clustered),
-                w.log_scores: gr.update(visible=method in ("kmeans", "frequency")),
-                w.target_bits: gr.update(visible=method == "budget"),
-                w.uniform_bits: gr.update(visible=method == "uniform")}
+        return page.controls(view.alloc_controls(method), self.w)
+
+    @staticmethod
+    def target_range(bits: list, target: float) -> dict:
+        """Bound the budget slider by what the bit set can reach."""
+        lo, hi = view.target_bounds(bits)
+        return gr.update(minimum=lo, maximum=hi, value=min(max(float(target), lo), hi))
+
+    @staticmethod
+    def mode_controls(mode: str) -> dict:
+        """The seed applies to tuned runs only."""
+        return gr.update(visible=mode == "tuned")
 
 
 # ------------------------------------------------------------------------ layout
@@ -324,8 +384,10 @@ def _sensitivity_panel(w: SimpleNamespace, methods) -> None:
     with gr.Row(equal_height=True):
         w.method = gr.Dropdown(list(methods), value="frobenius", label="Method", min_width=120,
                                elem_id="method")
-        w.probes = gr.Slider(2, 256, value=100, step=1, label="Probes")
-        w.closed_form = gr.Checkbox(value=True, label="frobenius: exact closed form")
+        w.probes = gr.Slider(2, 256, value=100, step=1, label="Probes", visible=False,
+                             elem_id="probes")
+        w.closed_form = gr.Checkbox(value=True, label="frobenius: exact closed form",
+                                    elem_id="closed-form")
         with gr.Column(min_width=120):
             w.profile_btn = gr.Button("Compute", variant="primary", size="md",
                                       elem_id="profile-btn")
@@ -348,15 +410,15 @@ def _allocation_panel(w: SimpleNamespace, methods) -> None:
     w.deploy_md = gr.Markdown(elem_id="deploy-badge")
     with gr.Row():
         w.score_source = gr.Dropdown(["frobenius"], value="frobenius", label="Scores",
-                                     min_width=120)
+                                     min_width=120, elem_id="score-source")
         w.alloc_method = gr.Dropdown(list(methods), value="kmeans", label="Allocation",
-                                     min_width=120)
+                                     min_width=120, elem_id="alloc-method")
         w.snap = gr.Dropdown(["none", "mean", "max", "min"], value="none", min_width=120,
                              label="Snap per layer", elem_id="snap")
     with gr.Row():
         w.clusters = gr.Slider(1, 8, value=3, step=1, label="Clusters C", elem_id="clusters")
-        w.target_bits = gr.Slider(2.0, 8.0, value=3.0, step=0.05, visible=False,
-                                  label="Target average bits (budget)")
+        w.target_bits = gr.Slider(2.0, 4.0, value=3.0, step=0.05, visible=False,
+                                  label="Target average bits (budget)", elem_id="target-bits")
         w.uniform_bits = gr.Dropdown(BIT_CHOICES, value=4, visible=False, label="Uniform bits")
         w.bits = gr.CheckboxGroup(BIT_CHOICES, value=[2, 3, 4], label="Bit widths",
                                   elem_id="bits")
@@ -367,8 +429,8 @@ def _allocation_panel(w: SimpleNamespace, methods) -> None:
     with gr.Row():
         w.group_size = gr.Dropdown([32, 64, 128], value=128, label="Group size", min_width=80)
         w.base_bits = gr.Dropdown([2, 3, 4, 8, 16], value=4, label="Base bits (non-expert)",
-                                  min_width=80)
-        w.seed = gr.Number(value=0, precision=0, label="Seed", min_width=80)
+                                  min_width=80, elem_id="base-bits")
+        w.seed = gr.Number(value=0, precision=0, label="Seed", min_width=80, elem_id="seed")
 
 
 def _allocation_results(w: SimpleNamespace) -> None:
@@ -391,8 +453,11 @@ def _quantize_panel(w: SimpleNamespace) -> None:
     gr.Markdown("## 3 · Quantize and evaluate")
     with gr.Row(equal_height=True):
         w.mode = gr.Radio([("RTN (data-free)", "rtn"), ("tuned (SignRound)", "tuned")],
-                          value="rtn", label="Mode")
-        w.pairs = gr.Slider(10, 200, value=50, step=10, label="MME image pairs")
+                          value="rtn", label="Mode", elem_id="mode")
+        w.pairs = gr.Slider(10, 200, value=50, step=10, label="MME image pairs",
+                            elem_id="pairs")
+        w.quant_seed = gr.Number(value=0, precision=0, label="Seed (tuned)", min_width=80,
+                                 visible=False, elem_id="quant-seed")
         with gr.Column(min_width=160):
             w.quantize_btn = gr.Button("Quantize + evaluate", variant="primary",
                                        elem_id="quantize-btn")
@@ -404,9 +469,13 @@ def _quantize_panel(w: SimpleNamespace) -> None:
                                      elem_id="category-table")
         w.results_plot = gr.Plot(label="Baseline vs quantized", elem_id="results-plot")
     with gr.Row():
-        w.tradeoff_plot = gr.Plot(label="Your runs: memory vs score", elem_id="tradeoff-plot")
+        with gr.Column():
+            w.tradeoff_plot = gr.Plot(label="Your runs: memory vs score",
+                                      elem_id="tradeoff-plot")
+            w.tradeoff_y = gr.Radio([("MME score", "score"), ("KL to the baseline", "kl")],
+                                    value="score", label="y axis", elem_id="tradeoff-y")
         w.runs_df = gr.Dataframe(headers=list(st.RUN_COLUMNS), interactive=False,
-                                 label="Your runs (this session)", elem_id="runs-table")
+                                 label="Your runs (kept in this browser)", elem_id="runs-table")
 
 
 def _export_panel(w: SimpleNamespace) -> None:
@@ -428,6 +497,7 @@ def build_layout(w: SimpleNamespace) -> None:
                 "follows, quantize, and check accuracy on a quick MME subset "
                 "([MoPEQ](https://arxiv.org/abs/2509.02512)).")
     w.state = gr.State(st.SessionState(), delete_callback=st.SessionState.close)
+    w.saved_runs = gr.BrowserState({}, storage_key="mopeq-runs")  # runs survive a reload
     _model_row(w)
     with gr.Row():
         with gr.Column(scale=3):
@@ -448,6 +518,10 @@ def _outputs(w: SimpleNamespace, *names: str) -> list:
 
 ALLOC_OUT = ("bits_plot", "clusters_df", "memory_md", "deploy_md", "memory_plot", "pareto_plot",
              "heatmap")
+LOAD_OUT = ("layout_md", "params_df", "profile_md", "score_source", "view_method", "source",
+            "tradeoff_plot", "runs_df")
+QUANTIZE_OUT = ("run_md", "category_df", "results_plot", "saved_runs", "tradeoff_plot",
+                "runs_df")
 
 
 def _inputs(w: SimpleNamespace) -> set:
@@ -455,7 +529,7 @@ def _inputs(w: SimpleNamespace) -> set:
             "quantize_cancel", "export_btn", "layout_md", "params_df", "profile_md", "heatmap",
             "bits_plot", "pareto_plot", "clusters_df", "memory_md", "deploy_md", "memory_plot",
             "compare_plot", "run_md", "category_df", "results_plot", "tradeoff_plot", "runs_df",
-            "files", "export_md"}
+            "files", "export_md"}  # outputs and buttons; every control and state is an input
     return {c for n, c in vars(w).items() if n not in skip}
 
 
@@ -474,17 +548,22 @@ def wire(demo: gr.Blocks, h: Handlers, w: SimpleNamespace) -> None:
     the controls as they are *then*, not as they were when the job was started.
     """
     inputs, alloc_out = _inputs(w), _outputs(w, *ALLOC_OUT)
-    live = dict(trigger_mode="always_last", show_progress="hidden")
-    load_out = _outputs(w, "layout_md", "params_df", "profile_md", "score_source", "view_method")
+    # live outputs never get a progress overlay; a stale live event is dropped (always_last)
+    live, hidden = dict(trigger_mode="always_last", show_progress="hidden"), dict(
+        show_progress="hidden")
+    load_out = _outputs(w, *LOAD_OUT)
     for trigger in (demo.load, w.load_btn.click, w.source.submit):
         trigger(h.load, inputs, load_out, **_private("load", "load", 2, show_progress_on=[
-            w.heatmap])).success(h.allocate, inputs, alloc_out, **_private("allocate", "live", 8))
+            w.layout_md])).success(h.allocate, inputs, alloc_out, **_private(
+                "allocate", "live", 8, **hidden))
     w.trust.change(h.warn_trust, w.trust, None, **_private("trust"))
-    w.method.change(h.probes_default, w.method, w.probes, **_private("probes"))
+    for control in (w.method, w.closed_form):
+        control.change(h.score_controls, [w.method, w.closed_form], [w.probes, w.closed_form],
+                       **_private("score_controls", "live", 8, **live))
     profile = w.profile_btn.click(h.profile, inputs, _outputs(
         w, "profile_md", "score_source", "view_method"), **_private(
         "profile", "profile", 2, show_progress_on=[w.heatmap]))
-    profile.success(h.allocate, inputs, alloc_out, **_private("allocate", "live", 8))
+    profile.success(h.allocate, inputs, alloc_out, **_private("allocate", "live", 8, **hidden))
     compare = w.compare_btn.click(h.compare, inputs, _outputs(
         w, "compare_plot", "score_source", "view_method"), **_private("compare", "profile", 2))
     w.profile_cancel.click(h.cancel("profile"), w.state, None, cancels=[profile, compare],
@@ -493,13 +572,20 @@ def wire(demo: gr.Blocks, h: Handlers, w: SimpleNamespace) -> None:
                     w.target_bits, w.uniform_bits, w.group_size, w.base_bits, w.snap, w.seed):
         control.change(h.allocate, inputs, alloc_out, **_private("allocate", "live", 8, **live))
     w.alloc_method.change(h.method_controls, w.alloc_method, _outputs(
-        w, "clusters", "scope", "log_scores", "target_bits", "uniform_bits"),
-        **_private("method", "live", 8, **live))
+        w, "clusters", "scope", "log_scores", "target_bits", "uniform_bits", "seed",
+        "score_source"), **_private("method", "live", 8, **live))
+    w.bits.change(h.target_range, [w.bits, w.target_bits], w.target_bits,
+                  **_private("target_range", "live", 8, **live))
+    w.mode.change(h.mode_controls, w.mode, w.quant_seed, **_private("mode", "live", 8, **live))
+    w.tradeoff_y.change(h.tradeoff, inputs, _outputs(w, "tradeoff_plot", "runs_df"),
+                        **_private("tradeoff", "live", 8, **live))
     for control in (w.view_method, w.view_kind, w.projection, w.log_view):
         control.change(h.view, inputs, w.heatmap, **_private("view", "live", 8, **live))
-    quantize = w.quantize_btn.click(h.quantize, inputs, _outputs(
-        w, "run_md", "category_df", "results_plot", "tradeoff_plot", "runs_df"),
-        **_private("quantize", "quantize", 1, show_progress_on=[w.results_plot]))
+    # one quantization at a time (a free CPU); the note says so to whoever waits
+    quantize = w.quantize_btn.click(h.queue_note, inputs, w.run_md, **_private(
+        "queue_note", "live", 8, **hidden)).then(h.quantize, inputs, _outputs(
+            w, *QUANTIZE_OUT), **_private("quantize", "quantize", 1,
+                                          show_progress_on=[w.results_plot]))
     w.quantize_cancel.click(h.cancel("quantize"), w.state, None, cancels=[quantize],
                             **_private("cancel_quantize"))
     w.export_btn.click(h.export, inputs, _outputs(w, "files", "export_md"),
@@ -530,7 +616,9 @@ def build_demo(models: st.ModelCache | None = None) -> gr.Blocks:
                    delete_cache=(3600, 7200)) as demo:  # served files older than 2 h go
         build_layout(w)
         register_api(Api(models))  # first: the public names are never taken
-        wire(demo, Handlers(models, w), w)
+        handlers = Handlers(models, w)
+        handlers.queued = lambda: page.quantize_queue(demo)
+        wire(demo, handlers, w)
     return demo
 
 

@@ -39,7 +39,8 @@ def histogram_table(values: np.ndarray) -> str:
     lines = ["| margin (log-odds) | questions | share | |", "|---|---|---|---|"]
     for lo, hi, n in zip(EDGES[:-1], EDGES[1:], counts, strict=True):
         share = n / max(len(values), 1)
-        lines.append(f"| [{lo:g}, {hi:g}) | {n} | {100 * share:.1f} % | {'#' * round(60 * share)} |")
+        bar = "#" * round(60 * share)
+        lines.append(f"| [{lo:g}, {hi:g}) | {n} | {100 * share:.1f} % | {bar} |")
     return "\n".join(lines)
 
 

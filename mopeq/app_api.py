@@ -6,14 +6,14 @@ library objects into the short Markdown the page shows. No gradio, no torch at i
 """
 
 from mopeq import app_state as st
+from mopeq import app_view as view
 
 # ------------------------------------------------------------------------ text helpers
 
 
-def _size(n_bytes: int) -> str:
-    if n_bytes >= 1e9:
-        return f"{n_bytes / 1e9:.2f} GB"
-    return f"{n_bytes / 1e6:.2f} MB ({n_bytes / 1e9:.4f} GB)"
+def _size(n_bytes: int, unit: str | None = None) -> str:
+    """Bytes in the view's one ``unit`` (default: by its own magnitude)."""
+    return view.size_text(n_bytes, unit or view.unit_for(n_bytes))
 
 
 def _count(n: int) -> str:
@@ -41,9 +41,10 @@ def memory_text(alloc) -> str:
     """GB, ratio vs bf16 and bits per weight of an allocation."""
     mem, bm = alloc.memory, alloc.bitmap
     kept = (f" · {mem.kept_16bit} linear(s) kept 16-bit (shape)" if mem.kept_16bit else "")
-    return (f"### {_size(mem.total_bytes)} · {mem.ratio:.2f}× smaller than bf16\n"
+    unit = view.unit_for(mem.bf16_bytes)
+    return (f"### {_size(mem.total_bytes, unit)} · {mem.ratio:.2f}× smaller than bf16\n"
             f"{bm.avg_bits:.2f} bits per expert weight ({mem.avg_bits_experts:.2f} with scales) · "
-            f"{mem.avg_bits_all:.2f} bits per weight overall · bf16: {_size(mem.bf16_bytes)}"
+            f"{mem.avg_bits_all:.2f} bits per weight overall · bf16: {_size(mem.bf16_bytes, unit)}"
             f"{kept}")
 
 
@@ -62,8 +63,10 @@ def profile_text(score, cached: bool) -> str:
     how = meta.get("settings", {})
     detail = ("exact closed form" if how.get("closed_form") else
               f"{meta['probes']} probes" if meta.get("probes") else
-              f"{how['probes']} probes" if "probes" in how else "")
-    badge = "⚡ **cached** — served at once" if cached else f"computed in {meta['elapsed_s']:.2f} s"
+              f"{how['probes']} probes" if "probes" in how else
+              view.METHOD_DETAIL.get(score.method, ""))
+    badge = ("⚡ **from cache** — served at once" if cached else
+             f"computed in {meta['elapsed_s']:.2f} s")
     cover = (f" · token coverage {meta['coverage']:.0%}" if meta.get("coverage") is not None
              else "")
     return f"**{score.method}** ({detail or 'routing counts'}) · {badge}{cover}"
@@ -95,8 +98,14 @@ def run_text(summary: dict) -> str:
             f"{_pm(summary.get('baseline_score_ci95'))} baseline (Δ {summary['delta']:+.1f}) "
             f"on {summary['pairs']} image pairs{' · ' + sig if sig else ''} · "
             f"KL {summary['kl']:.4f}{kl_span} · "
-            f"{summary['flip_rate']:.0%} answers flipped · {_size(int(summary['gb'] * 1e9))} · "
+            f"{summary['flip_rate']:.0%} answers flipped · {_run_size(summary)} · "
             f"quantized in {summary['quantize_s']:.1f} s")
+
+
+def _run_size(summary: dict) -> str:
+    """A run's size in the unit of its model's views (by the bf16 size)."""
+    n_bytes = summary["gb"] * 1e9
+    return _size(int(n_bytes), view.unit_for(n_bytes * summary.get("ratio_vs_bf16", 1.0)))
 
 
 # ------------------------------------------------------------------------ public API
@@ -140,6 +149,9 @@ class Api:
                  trust_remote_code: bool = False) -> dict:
         """Bits per expert and the memory estimate (bits, avg_bits, deployable_fused, memory).
 
+        Also ``judge_method`` (the sensitivities the predicted loss weighs errors by; never
+        routing counts) and ``warnings`` (e.g. a budget target the bit set cannot reach).
+
         Args:
             source: the model source, as for load_model.
             score_method: the scores to allocate by (frequency allocation uses routing counts).
@@ -161,8 +173,12 @@ class Api:
                                        uniform_bits, group_size, base_bits, snap)
         entry, score = self._setup(source, trust_remote_code, score_method, probes,
                                    closed_form, settings)
-        alloc = st.allocation(entry, score, settings)
-        return {**alloc.to_json(), "score_method": score.method,
+        judged = view.judge_method(score_method, settings.method)
+        judge = st.scores(entry, st.ScoreSpec(judged, probes, closed_form))[0]
+        alloc = st.allocation(entry, score, settings, judge=judge)
+        note = view.budget_note(settings.method, settings.target_bits, settings.bits)
+        return {**alloc.to_json(), "score_method": score.method, "judge_method": judged,
+                "warnings": [note.strip().replace("*", "").lstrip("⚠ ")] if note else [],
                 "clusters": alloc.bitmap.clusters_table(score.scores)}
 
     def quantize_evaluate(self, source: str = "embedded", score_method: str = "frobenius",
@@ -172,7 +188,7 @@ class Api:
                           uniform_bits: int = 4, group_size: int = 128, base_bits: int = 4,
                           snap: str = "none", mode: str = "rtn", pairs: int = 50,
                           probes: int = 0, closed_form: bool = True,
-                          trust_remote_code: bool = False) -> dict:
+                          trust_remote_code: bool = False, seed: int = 0) -> dict:
         """Quantize with the allocation, then evaluate baseline and quantized on quick MME.
 
         Args:
@@ -193,13 +209,14 @@ class Api:
             probes: as for allocate.
             closed_form: as for allocate.
             trust_remote_code: as for load_model.
+            seed: tuned mode: SignRound's seed (same settings and seed, same run).
         """
         settings = st.AllocSettings.of(method, clusters, bits, scope, log_scores, target_bits,
                                        uniform_bits, group_size, base_bits, snap)
         entry, score = self._setup(source, trust_remote_code, score_method, probes,
                                    closed_form, settings)
         alloc = st.allocation(entry, score, settings, with_pareto=False)
-        run = st.quantize_evaluate(entry, alloc, settings, mode, pairs)
+        run = st.quantize_evaluate(entry, alloc, settings, mode, pairs, seed=seed)
         return st.run_summary(run, pairs)
 
     def _setup(self, source, trust, score_method, probes, closed_form, settings):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mopeq import methods
+from mopeq.app_view import Drawn
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -253,6 +254,7 @@ class SessionState:
         self.last_run: Run | None = None
         self.jobs: dict[str, threading.Event] = {}
         self.export_dir: Path | None = None  # the latest downloads
+        self.drawn = Drawn()  # what this page's outputs show (live events skip the same)
 
     def __deepcopy__(self, memo) -> SessionState:
         # gradio deep-copies the initial value once per new session: start empty
@@ -348,8 +350,11 @@ def errors(entry: ModelEntry, bits: tuple[int, ...], group_size: int):
 
 
 def allocation(entry: ModelEntry, score: Scores, settings: AllocSettings,
-               with_pareto: bool = True) -> Allocation:
-    """Bits, memory estimate and (with errors) the Pareto frontier for ``settings``."""
+               with_pareto: bool = True, judge: Scores | None = None) -> Allocation:
+    """Bits, memory estimate and (with errors) the Pareto frontier for ``settings``.
+
+    ``judge``: the sensitivities the predicted loss weighs errors by (default ``score``).
+    """
     from mopeq import pipeline
 
     config = settings.config()
@@ -357,7 +362,7 @@ def allocation(entry: ModelEntry, score: Scores, settings: AllocSettings,
     errs = errors(entry, config.bits, settings.group_size) if need_errors else None
     snap = None if settings.snap == "none" else settings.snap
     return pipeline.allocation(score, entry.layout, config, snap=snap, errors=errs,
-                               with_pareto=with_pareto)
+                               with_pareto=with_pareto, judge=judge)
 
 
 def bf16_breakdown(entry: ModelEntry) -> dict[str, int]:
@@ -376,16 +381,18 @@ def bf16_breakdown(entry: ModelEntry) -> dict[str, int]:
 
 def quantize_evaluate(entry: ModelEntry, alloc: Allocation, settings: AllocSettings,
                       mode: str = "rtn", pairs: int = 50, label: str | None = None,
-                      on_progress: Progress = _noop, scores: Scores | None = None) -> Run:
+                      on_progress: Progress = _noop, scores: Scores | None = None,
+                      seed: int = 0) -> Run:
     """Quantize with ``alloc``'s bits and evaluate baseline and quantized on ``pairs``.
 
     ``scores`` (those ``alloc`` was made from) travel with the run, so its export is whole.
+    ``seed`` seeds tuned (SignRound) quantization: the same settings and seed give the same run.
     """
     from mopeq import pipeline
     from mopeq.quantize import QuantConfig
 
     qconfig = QuantConfig(mode=mode, group_size=settings.group_size,
-                          base_bits=settings.base_bits)
+                          base_bits=settings.base_bits, seed=int(seed))
     pairs = int(pairs)
     if pairs < 1:
         raise ValueError(f"pairs must be >= 1, got {pairs}")
@@ -402,7 +409,7 @@ def run_summary(run: Run, pairs: int) -> dict:
     """``Run.summary`` with the subset size and the per-category comparison."""
     per_cat = run.comparison["per_category"]
     return {**run.summary(), "scores": run.allocation.bitmap.meta.get("scores"),
-            "pairs": int(pairs),
+            "pairs": int(pairs), "seed": run.quant.config.seed,
             "comparison": {c: {"baseline": v["baseline"], "quantized": v["other"],
                                "delta": v["delta"],
                                "baseline_ci95": run.baseline.per_category[c].get("ci95"),

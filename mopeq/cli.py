@@ -166,7 +166,8 @@ def cmd_profile(args) -> int:
         _print_json(out)
     else:
         _print_grid(f"{args.method} scores (rows: MoE layers {layout.moe_layers})", scores.scores)
-        print(f"elapsed {out['elapsed_s']:.2f} s, cache hit: {out['cache_hit']}")
+        print("from cache (computed earlier)" if out["cache_hit"] else
+              f"computed in {out['elapsed_s']:.2f} s")
     return 0
 
 

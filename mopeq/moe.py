@@ -247,7 +247,8 @@ def discover(model: nn.Module) -> MoELayout:
             f"is MoE, add its model_type to mopeq.moe.ARCHS."
         )
     params = dict(model.named_parameters())
-    experts = tuple(e for b in blocks for e in _experts(b, params, dict(model.named_modules()), model))
+    modules = dict(model.named_modules())
+    experts = tuple(e for b in blocks for e in _experts(b, params, modules, model))
     tensors = _tensors(model, blocks, spec)
     tc = text_config(config) if config is not None else None
     return MoELayout(
@@ -345,9 +346,11 @@ def _tensors(model: nn.Module, blocks: list[MoEBlock], spec: ArchSpec) -> tuple[
 
 
 def stored_dtype(model: nn.Module, name: str, tensor: torch.Tensor) -> str:
-    """The dtype ``name`` is stored in: the checkpoint's (when the loader recorded it), else
-    the tensor's own. Unknown names (e.g. fused experts saved per expert) take the checkpoint's
-    most common dtype."""
+    """The dtype ``name`` is stored in.
+
+    The checkpoint's (when the loader recorded it), else the tensor's own. Unknown names (e.g.
+    fused experts saved per expert) take the checkpoint's most common dtype.
+    """
     table = getattr(model, "_mopeq_stored_dtypes", None)  # models.STORED_DTYPES_ATTR
     if table is None:
         return dtype_name(tensor.dtype)

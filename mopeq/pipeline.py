@@ -93,18 +93,24 @@ class Allocation:
 
 def allocation(scores, layout: MoELayout, config: AllocConfig, *, snap: str | None = None,
                errors: np.ndarray | None = None, with_pareto: bool = False,
-               reference: BitMap | None = None) -> Allocation:
-    """Allocate bits, optionally snap them per layer, and estimate memory (milliseconds)."""
+               reference: BitMap | None = None, judge=None) -> Allocation:
+    """Allocate bits, optionally snap them per layer, and estimate memory (milliseconds).
+
+    ``judge`` holds the sensitivities the predicted loss and the frontier weigh errors by
+    (default: ``scores``). A ``frequency`` allocation passes one: routing counts rank experts
+    but are no loss.
+    """
+    judge = scores if judge is None else judge
     bitmap = allocate(scores, layout, config, errors=errors, reference=reference)
     if snap:
         bitmap = snap_per_layer(bitmap, layout, snap)
     memory = estimate(layout, bitmap, config.memory)
     result = Allocation(bitmap, memory)
-    if with_pareto and (errors is not None or getattr(scores, "errors", None) is not None):
-        result.pareto = pareto(scores, errors, layout, config.bits, config.memory)
+    if with_pareto and (errors is not None or getattr(judge, "errors", None) is not None):
+        result.pareto = pareto(judge, errors, layout, config.bits, config.memory)
         if set(np.unique(bitmap.bits)) <= set(config.bits):
             result.current = {"gb": memory.gb, "avg_bits": bitmap.avg_bits,
-                              "predicted_loss": predicted_loss(bitmap, scores, errors,
+                              "predicted_loss": predicted_loss(bitmap, judge, errors,
                                                                config.bits)}
     return result
 

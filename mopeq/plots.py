@@ -8,6 +8,7 @@ decoder-layer index, "L3") and experts on columns ("E0".."E{n-1}").
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from numbers import Real
@@ -17,10 +18,9 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-TEMPLATE = "plotly_white"
+TEMPLATE = "plotly_white"  # the look copied by ``_light_template``
 MARGIN = MappingProxyType({"l": 60, "r": 20, "t": 60, "b": 50})
 ANNOTATE_MAX_CELLS = 400  # past this, per-cell labels are unreadable and slow the browser
-MB = 1e6  # decimal megabytes, matching memory.py's GB (1e9)
 MME_MAX = 200.0  # an MME subtask scores 100*acc + 100*acc+
 BIT_COLORS = MappingProxyType({
     1: "#67001f", 2: "#d73027", 3: "#fc8d59", 4: "#1a9850", 5: "#66bd63",
@@ -32,12 +32,44 @@ COMPONENT_ORDER = ("routed_experts", "shared_experts", "attention", "dense_mlp",
 COMPONENT_NAMES = MappingProxyType({"embeddings_lm_head": "embeddings + lm_head",
                                     "lm_head": "lm_head", "dense_mlp": "dense MLP"})
 AXIS_TITLES = MappingProxyType({"gb": "weights (GB)", "predicted_loss": "predicted loss",
-                                "avg_bits": "average bits per expert weight"})
+                                "avg_bits": "average bits per expert weight",
+                                "kl": "KL to the baseline (nats per answer)"})
+UNITS = MappingProxyType({"MB": 1e6, "GB": 1e9})  # decimal, like memory.py
+MODE_SYMBOLS = MappingProxyType({"rtn": "circle", "tuned": "square"})
+_GRID = "#EBF0F8"
+
+
+def unit_for(n_bytes: float) -> str:
+    """The one size unit of a view: MB below 1 GB (the embedded model), else GB."""
+    return "MB" if n_bytes < UNITS["GB"] else "GB"
+
+
+def _unit(unit: str) -> float:
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {list(UNITS)}, got {unit!r}")
+    return UNITS[unit]
+
+
+@functools.lru_cache(maxsize=1)
+def _light_template() -> go.layout.Template:
+    """The few settings of ``plotly_white`` the figures use.
+
+    Assigning the full ``plotly_white`` template costs ~25 ms per figure (plotly validates and
+    copies all of it); this small one costs ~2 ms, which the live allocation view needs.
+    """
+    import plotly.io as pio
+
+    axis = {"gridcolor": _GRID, "linecolor": _GRID, "zerolinecolor": _GRID, "zerolinewidth": 2,
+            "ticks": "", "automargin": True}
+    return go.layout.Template(layout={
+        "paper_bgcolor": "white", "plot_bgcolor": "white", "font": {"color": "#2a3f5f"},
+        "colorway": pio.templates[TEMPLATE].layout.colorway, "xaxis": axis, "yaxis": axis,
+        "hovermode": "closest", "hoverlabel": {"align": "left"}})
 
 
 def _finish(fig: go.Figure, *, title: str | None, height: int, **layout) -> go.Figure:
     """Apply the common template, margins, title and height."""
-    fig.update_layout(template=TEMPLATE, margin=dict(MARGIN), height=height,
+    fig.update_layout(template=_light_template(), margin=dict(MARGIN), height=height,
                       title={"text": title, "x": 0.01, "xanchor": "left"}, **layout)
     return fig
 
@@ -321,56 +353,70 @@ def _check_bytes(breakdown: Mapping[str, int], name: str) -> None:
 
 
 def memory_breakdown(breakdown: Mapping[str, int], *, title: str | None = None,
-                     reference: Mapping[str, int] | None = None) -> go.Figure:
+                     reference: Mapping[str, int] | None = None,
+                     unit: str = "MB") -> go.Figure:
     """Horizontal stacked bar of weight bytes by component, beside the bf16 size when given.
 
     Args:
         breakdown: bytes per component (e.g. ``routed_experts``, ``attention``, ``lm_head``).
         title: figure title; default states the total and the ratio to the reference.
         reference: bytes per component of the bf16 model (same keys; a missing key is 0).
+        unit: "MB" or "GB" (``unit_for`` picks the one of the view).
 
     Raises:
-        ValueError: an empty breakdown or a negative / non-numeric count.
+        ValueError: an empty breakdown, a negative / non-numeric count, or an unknown unit.
     """
+    scale = _unit(unit)
     _check_bytes(breakdown, "breakdown")
     rows = {"this model": breakdown}
     if reference is not None:
         _check_bytes(reference, "reference")
         rows["bf16"] = reference
-    totals = {r: sum(d.values()) / MB for r, d in rows.items()}
-    labels = {r: f"{r}<br>{t:.1f} MB" for r, t in totals.items()}
+    totals = {r: sum(d.values()) / scale for r, d in rows.items()}
+    labels = {r: f"{r}<br>{t:.3g} {unit}" for r, t in totals.items()}
     fig = go.Figure()
     for comp in _component_order(list(dict.fromkeys([k for d in rows.values() for k in d]))):
-        mb = [d.get(comp, 0) / MB for d in rows.values()]
+        mb = [d.get(comp, 0) / scale for d in rows.values()]
         if not any(mb):
             continue
         name = COMPONENT_NAMES.get(comp, comp.replace("_", " "))
         fig.add_bar(y=[labels[r] for r in rows], x=mb, name=name,
-                    orientation="h", hovertemplate="%{fullData.name}: %{x:.3f} MB")
+                    orientation="h", hovertemplate=f"%{{fullData.name}}: %{{x:.3f}} {unit}")
     if title is None:
-        title = f"Weights: {totals['this model']:.3f} MB"
+        title = f"Weights: {totals['this model']:.3f} {unit}"
         if "bf16" in totals and totals["this model"] > 0:
             title += f" ({totals['bf16'] / totals['this model']:.2f}x smaller than bf16)"
-    fig.update_xaxes(title_text="MB (1e6 bytes)")
+    fig.update_xaxes(title_text=f"{unit} (1e{int(math.log10(scale))} bytes)")
     fig.update_yaxes(autorange="reversed", automargin=True)
     return _finish(fig, title=title, height=300 + 40 * len(rows), barmode="stack")
 
 
-def _points_hover(p: Mapping[str, float]) -> str:
-    keys = [("avg_bits", "avg bits", ".2f"), ("gb", "GB", ".4f"),
+def _points_hover(p: Mapping[str, float], unit: str = "GB") -> str:
+    keys = [("avg_bits", "avg bits", ".2f"), ("size", unit, ".4f"),
             ("predicted_loss", "predicted loss", ".4g")]
     return "<br>".join(f"{label}: {p[k]:{f}}" for k, label, f in keys if k in p)
 
 
+def _sized(p: Mapping, unit: str) -> dict:
+    """A point with ``size`` = its ``gb`` in ``unit``."""
+    return {**p, "size": p["gb"] * UNITS["GB"] / _unit(unit)} if "gb" in p else dict(p)
+
+
 def pareto_curve(points: list[dict], *, current: dict | None = None, x: str = "gb",
-                 y: str = "predicted_loss") -> go.Figure:
+                 y: str = "predicted_loss", unit: str = "GB",
+                 score_name: str | None = None) -> go.Figure:
     """The allocation frontier (memory vs predicted loss) and the current choice on it.
+
+    A frontier of one memory value (a bit set of one width: nothing to trade) is drawn as
+    that single allocation, with a note, on a readable axis range.
 
     Args:
         points: frontier points, e.g. ``{"avg_bits": 3.2, "gb": 1.1, "predicted_loss": 0.05}``.
         current: the chosen allocation (same keys), drawn as a star with an annotation.
-        x: key plotted on the x axis.
+        x: key plotted on the x axis (``gb`` is drawn in ``unit``).
         y: key plotted on the y axis.
+        unit: "MB" or "GB", for ``x="gb"``.
+        score_name: the scores the predicted loss weighs errors by (named in the title).
 
     Raises:
         ValueError: no points, or a point (or ``current``) without the ``x``/``y`` keys.
@@ -378,23 +424,41 @@ def pareto_curve(points: list[dict], *, current: dict | None = None, x: str = "g
     _require_keys(points, (x, y), "points")
     if current is not None:
         _require_keys([current], (x, y), "current")
-    pts = sorted(points, key=lambda p: p[x])
-    fig = go.Figure(go.Scatter(x=[p[x] for p in pts], y=[p[y] for p in pts], name="frontier",
-                               mode="lines+markers", text=[_points_hover(p) for p in pts],
+    key = "size" if x == "gb" else x
+    pts = sorted((_sized(p, unit) for p in points), key=lambda p: p[key])
+    fig = go.Figure(go.Scatter(x=[p[key] for p in pts], y=[p[y] for p in pts], name="frontier",
+                               mode="lines+markers", text=[_points_hover(p, unit) for p in pts],
                                hovertemplate="%{text}<extra>frontier</extra>"))
     if current is not None:
-        fig.add_scatter(x=[current[x]], y=[current[y]], name="current", mode="markers",
+        cur = _sized(current, unit)
+        fig.add_scatter(x=[cur[key]], y=[cur[y]], name="current", mode="markers",
                         marker={"symbol": "star", "size": 18, "color": "#d62728",
                                 "line": {"width": 1, "color": "black"}},
-                        text=[_points_hover(current)],
+                        text=[_points_hover(cur, unit)],
                         hovertemplate="%{text}<extra>current</extra>")
-        fig.add_annotation(x=current[x], y=current[y], text="current<br>" + _points_hover(current),
+        fig.add_annotation(x=cur[key], y=cur[y], text="current<br>" + _points_hover(cur, unit),
                            showarrow=True, arrowhead=2, ax=0, ay=-60, align="left",
                            bgcolor="rgba(255,255,255,0.85)", bordercolor="#888")
-    xtitle, ytitle = AXIS_TITLES.get(x, x), AXIS_TITLES.get(y, y)
+    xtitle = f"weights ({unit})" if x == "gb" else AXIS_TITLES.get(x, x)
+    ytitle = AXIS_TITLES.get(y, y)
     fig.update_xaxes(title_text=xtitle)
     fig.update_yaxes(title_text=ytitle)
-    return _finish(fig, title=f"Frontier: {ytitle} vs {xtitle}", height=380)
+    title = f"Frontier: {ytitle} vs {xtitle}"
+    if score_name:
+        title += f" (loss weighted by {score_name} scores)"
+    if len({round(p[key], 12) for p in pts}) == 1:  # one width: a single allocation
+        _single_point_view(fig, pts[0][key], pts[0][y])
+        title = f"One allocation only: a single bit width leaves no {ytitle} to trade"
+    return _finish(fig, title=title, height=380)
+
+
+def _single_point_view(fig: go.Figure, x0: float, y0: float) -> None:
+    """Axis ranges around a lone point (plotly would zoom into nothing) and a note."""
+    dx, dy = abs(x0) * 0.2 or 1.0, abs(y0) * 0.2 or 1.0
+    fig.update_xaxes(range=[x0 - dx, x0 + dx])
+    fig.update_yaxes(range=[y0 - dy, y0 + dy])
+    fig.add_annotation(x=0.5, y=0.05, xref="paper", yref="paper", showarrow=False,
+                       text="tick two or more bit widths to see a frontier")
 
 
 def results_bars(per_category: Mapping[str, Mapping[str, float]], *,
@@ -448,36 +512,65 @@ def _run_label(run: Mapping) -> str:
     return str(run.get("label") or f"{run['method']} · {run['avg_bits']:.2f} b")
 
 
-def tradeoff_scatter(runs: list[dict]) -> go.Figure:
-    """Memory vs total MME score, one labelled point per run; baselines drawn apart.
+def tradeoff_scatter(runs: list[dict], *, unit: str = "GB", y: str = "score") -> go.Figure:
+    """Memory vs total MME score (or KL), one labelled point per run; baselines drawn apart.
+
+    Colours group runs by method; the marker says the mode (``MODE_SYMBOLS``: circle RTN,
+    square tuned). Labels may reach past the plot area (not clipped).
 
     Args:
         runs: ``{"method": str, "avg_bits": float, "gb": float, "score": float}`` each, with
-            optional ``"label"`` (overrides "method · bits"), ``"baseline": True`` and
-            ``"score_ci95": [low, high]`` (drawn as an error bar).
+            optional ``"label"`` (overrides "method · bits"), ``"mode"``, ``"kl"``,
+            ``"baseline": True`` and ``"score_ci95"`` / ``"kl_ci95"`` ([low, high], drawn as
+            error bars).
+        unit: "MB" or "GB" for the memory axis.
+        y: "score" (MME total) or "kl" (KL to the baseline; baselines sit at 0).
 
     Raises:
-        ValueError: no runs, or a run without ``method``, ``avg_bits``, ``gb`` or ``score``.
+        ValueError: no runs, a run without ``method``, ``avg_bits``, ``gb`` or ``score``, a
+            run without ``y``, or an unknown unit or ``y``.
     """
     _require_keys(runs, ("method", "avg_bits", "gb", "score"), "runs")
+    if y not in ("score", "kl"):
+        raise ValueError(f"y must be 'score' or 'kl', got {y!r}")
+    scale = _unit(unit)
+    value = (lambda r: r["score"]) if y == "score" else (
+        lambda r: 0.0 if r.get("baseline") else r["kl"])
+    _require_keys([r for r in runs if not r.get("baseline")] or runs,
+                  ("kl",) if y == "kl" else (), "runs")
     groups: dict[str, list[Mapping]] = {}
     for run in runs:
         groups.setdefault("baseline" if run.get("baseline") else run["method"], []).append(run)
     fig = go.Figure()
     for name, group in groups.items():
         marker = ({"symbol": "diamond", "size": 14, "color": "#555555"} if name == "baseline"
-                  else {"size": 11})
-        fig.add_scatter(x=[r["gb"] for r in group], y=[r["score"] for r in group], name=name,
-                        error_y=_error_bars([r["score"] for r in group],
-                                            [r.get("score_ci95") for r in group]),
-                        mode="markers+text", text=[_run_label(r) for r in group],
-                        textposition="top center", marker=marker,
-                        customdata=[[r["avg_bits"]] for r in group],
-                        hovertemplate="%{text}<br>%{x:.3f} GB<br>avg bits %{customdata[0]:.2f}"
-                        "<br>score %{y:.1f}<extra></extra>")
-    fig.update_xaxes(title_text="weights (GB)")
-    fig.update_yaxes(title_text="MME total score")
-    return _finish(fig, title="Memory vs accuracy", height=400)
+                  else {"size": 11, "symbol": [MODE_SYMBOLS.get(r.get("mode"), "circle")
+                                               for r in group]})
+        fig.add_scatter(x=[r["gb"] * UNITS["GB"] / scale for r in group],
+                        y=[value(r) for r in group], name=name, mode="markers+text",
+                        error_y=_error_bars([value(r) for r in group],
+                                            [r.get(f"{y}_ci95") for r in group]),
+                        text=[_run_label(r) for r in group], textposition="top center",
+                        marker=marker, cliponaxis=False,
+                        customdata=[[r["avg_bits"], r.get("mode") or ""] for r in group],
+                        hovertemplate=f"%{{text}}<br>%{{x:.3f}} {unit}<br>avg bits "
+                        "%{customdata[0]:.2f} · %{customdata[1]}<br>"
+                        f"{'score %{y:.1f}' if y == 'score' else 'KL %{y:.4f}'}"
+                        "<extra></extra>")
+    fig.update_xaxes(title_text=f"weights ({unit})")
+    fig.update_yaxes(title_text="MME total score" if y == "score" else AXIS_TITLES["kl"])
+    _pad_ranges(fig, [r["gb"] * UNITS["GB"] / scale for r in runs], [value(r) for r in runs])
+    title = "Memory vs accuracy" if y == "score" else "Memory vs KL to the baseline"
+    return _finish(fig, title=title + " (circle: RTN, square: tuned)", height=400)
+
+
+def _pad_ranges(fig: go.Figure, xs: list[float], ys: list[float]) -> None:
+    """Axis ranges with room around the points so their labels stay inside the figure."""
+    for axis, vals, lo_pad, hi_pad in (("x", xs, 0.15, 0.15), ("y", ys, 0.1, 0.25)):
+        lo, hi = min(vals), max(vals)
+        span = (hi - lo) or abs(hi) or 1.0
+        rng = [lo - lo_pad * span, hi + hi_pad * span]
+        (fig.update_xaxes if axis == "x" else fig.update_yaxes)(range=rng)
 
 
 def training_curve(curve: list[dict]) -> go.Figure:

@@ -54,6 +54,7 @@ class QuantConfig:
     nsamples: int = 32  # tuned mode only
     seqlen: int = 32  # tuned mode only
     batch_size: int = 8  # tuned mode only
+    seed: int = 0  # tuned mode: SignRound's sampling of calibration batches (reproducible runs)
 
     def __post_init__(self):
         if self.mode not in ("rtn", "tuned"):
@@ -172,7 +173,8 @@ def _autoround(root, tokenizer, cfg, config: QuantConfig, calib):
     if tokenizer is None:
         raise ValueError("auto-round needs the model's tokenizer")
     kwargs = dict(scheme="W4A16", group_size=config.group_size, sym=config.sym,
-                  device_map="cpu", enable_torch_compile=False, layer_config=copy.deepcopy(cfg))
+                  device_map="cpu", enable_torch_compile=False, layer_config=copy.deepcopy(cfg),
+                  seed=config.seed)
     if config.mode == "rtn":
         kwargs.update(iters=0, disable_opt_rtn=True)
     else:
@@ -280,8 +282,11 @@ def _write_checkpoint(result: QuantResult, folder: Path, processor) -> None:
 
 
 def _stored_dtype(t: torch.Tensor, table: dict | None = None, key: str = "") -> torch.dtype:
-    """The checkpoint's dtype of ``key`` when the loader recorded it; else fp32 stays fp32
-    (what the model keeps wide) and other floats are stored as bf16."""
+    """The dtype to store ``key`` in.
+
+    The checkpoint's when the loader recorded it; else fp32 stays fp32 (what the model keeps
+    wide) and other floats are stored as bf16.
+    """
     if table is not None and t.is_floating_point():
         return getattr(torch, table["tensors"].get(key, table["default"]))
     return t.dtype if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else (

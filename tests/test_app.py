@@ -58,15 +58,32 @@ def embedded_model(request) -> Path:
         yield folder
 
 
+def wait_ready(url: str, timeout_s: float = 120.0) -> None:
+    """Poll the app's config until it answers (bounded): a cold start may take a while."""
+    import urllib.request
+
+    deadline, error = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/config", timeout=10) as reply:
+                if reply.status == 200:
+                    return
+        except OSError as exc:  # refused or reset while the server starts
+            error = exc
+        time.sleep(0.5)
+    raise TimeoutError(f"the app at {url} did not answer within {timeout_s:.0f} s: {error}")
+
+
 @pytest.fixture(scope="module")
 def app_url(embedded_model):
-    """A launched app (in this process, on a free port); its URL."""
+    """A launched app (in this process, on a free port) that answers; its URL."""
     import app
 
     demo = app.build_demo()
     demo.queue()
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1",
                             server_port=_free_port(), quiet=True)
+    wait_ready(url)
     yield url
     demo.close()
 
@@ -165,6 +182,21 @@ def test_allocate_methods_and_settings(client):
     assert high_base["memory"]["total_bytes"] > base["memory"]["total_bytes"]
 
 
+def test_allocate_says_what_it_used_and_what_it_capped(client):
+    capped = _alloc(client, method="budget", target_bits=8.0, bits=[2, 3, 4])
+    assert {b for row in capped["bits"] for b in row} == {4}
+    assert len(capped["warnings"]) == 1 and "above the widest width (4)" in capped["warnings"][0]
+    assert _alloc(client, method="budget", target_bits=3.0, bits=[2, 3, 4])["warnings"] == []
+    freq = _alloc(client, method="frequency", clusters=3, score_method="frobenius")
+    kmeans = _alloc(client, method="kmeans", clusters=3, score_method="frobenius")
+    assert freq["score_method"] == "frequency" and freq["judge_method"] == "frobenius"
+    assert freq["pareto"] == kmeans["pareto"]  # the frontier weighs errors by sensitivity
+    worst = max(p["predicted_loss"] for p in freq["pareto"])
+    assert 0 <= freq["current"]["predicted_loss"] <= worst * (1 + 1e-9)
+    single = _alloc(client, method="kmeans", clusters=1, bits=[8])
+    assert {b for row in single["bits"] for b in row} == {8} and len(single["pareto"]) >= 1
+
+
 def test_bad_input_gives_readable_messages(client, tmp_path):
     assert "bit width" in _error(client, "/allocate", source="embedded", bits=[])
     assert "clusters" in _error(client, "/allocate", source="embedded", clusters=99)
@@ -184,7 +216,7 @@ def test_bad_input_gives_readable_messages(client, tmp_path):
 
 def test_quantize_evaluate_while_live_controls_stay_responsive(client):
     expected = _alloc(client, clusters=2, bits=[2, 4])
-    job = client.submit(source="embedded", clusters=2, bits=[2, 4], pairs=10,
+    job = client.submit(source="embedded", clusters=2, bits=[2, 4], pairs=10, seed=3,
                         api_name="/quantize_evaluate")
     time.sleep(1.0)  # let the quantization start
     start = time.perf_counter()
@@ -200,7 +232,7 @@ def test_quantize_evaluate_while_live_controls_stay_responsive(client):
     assert set(run["per_category"]) == set(synthetic.CATEGORIES)
     assert all(0 <= v <= 200 for v in run["per_category"].values())
     assert set(run["comparison"]) == set(synthetic.CATEGORIES)
-    assert run["pairs"] == 10 and run["mode"] == "rtn"
+    assert run["pairs"] == 10 and run["mode"] == "rtn" and run["seed"] == 3
     assert run["gb"] == pytest.approx(expected["memory"]["gb"])
     assert run["avg_bits"] == pytest.approx(expected["avg_bits"], abs=1e-3)
     assert run["kl"] >= 0 and 0 <= run["flip_rate"] <= 1

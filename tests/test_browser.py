@@ -11,7 +11,11 @@ embedded model or its stand-in (see ``tests/test_app.py``).
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -25,7 +29,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-TIMEOUT_MS = 120_000
+TIMEOUT_MS = 180_000  # generous for a cold start on a busy machine, but bounded
+LATENCY_GOAL_MS = 150.0  # median slider move -> memory text, on a quiet machine
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +46,19 @@ def browser():
         browser.close()
 
 
-def _open(browser, url: str):
-    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+def _open(browser, url: str, context=None):
+    """A new page on the app (its own browser context unless one is given), retried on start."""
+    context = context or browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url)
+    for attempt in range(3):  # a cold server may reset the first connection
+        try:
+            page.goto(url, wait_until="domcontentloaded")
+            break
+        except Exception:  # noqa: BLE001 - playwright's network errors; bounded retry
+            if attempt == 2:
+                raise
+            time.sleep(2.0)
     return page
 
 
@@ -89,7 +103,7 @@ def test_the_page_flow(browser, app_url):  # noqa: F811 - the fixture
     assert "smaller than bf16" in memory
     assert "Sensitivity: frobenius" in _text(page, HEATMAP_FIG)
     assert "MoE layers" in _text(page, "#layout-text")
-    assert "cached" in _text(page, "#profile-status") or "computed" in _text(
+    assert "from cache" in _text(page, "#profile-status") or "computed" in _text(
         page, "#profile-status")
     _shot(page, "01-first-view")
     if os.environ.get("MOPEQ_README_SCREENSHOT"):  # e.g. assets/screenshot.png
@@ -146,3 +160,201 @@ def test_the_page_flow(browser, app_url):  # noqa: F811 - the fixture
     assert "MME score" not in _text(other, "#run-text")
     assert _text(page, MEMORY) != memory  # and the first user's page kept its own choice
     _shot(other, "06-second-session")
+
+
+# -------------------------------------------------------------- the page says what it does
+
+
+def _shown(page, selector: str) -> bool:
+    return page.locator(selector).first.is_visible()
+
+
+def _wait_shown(page, selector: str, shown: bool) -> None:
+    page.locator(selector).first.wait_for(state="visible" if shown else "hidden")
+
+
+def _wait_text(page, selector: str, needle: str) -> str:
+    page.wait_for_function("([s, n]) => (document.querySelector(s)?.textContent ?? '')"
+                           ".includes(n)", arg=[selector, needle])
+    return _text(page, selector)
+
+
+PARETO_FIG = "#pareto-plot .gtitle"
+WATCH = """(sels) => { window.__drawn = {};
+  for (const s of sels) { const gd = document.querySelector(s + ' .js-plotly-plot');
+    gd.__watched = true; window.__drawn[s] = 0;
+    gd.on('plotly_afterplot', () => { window.__drawn[s] += 1; }); } }"""
+REDRAWN = """(sels) => Object.fromEntries(sels.map(s => [s, window.__drawn[s] > 0 ||
+  !document.querySelector(s + ' .js-plotly-plot')?.__watched]))"""
+ARM = """() => { const root = document.querySelector('#memory-text');
+  const text = () => root.querySelector('h3')?.textContent ?? '';
+  const before = text(); window.__done = null;
+  const obs = new MutationObserver(() => {
+    if (window.__done === null && text() !== before) {
+      window.__done = performance.now(); obs.disconnect(); } });
+  obs.observe(root, {subtree: true, childList: true, characterData: true});
+  return performance.now(); }"""
+
+
+def test_the_page_shows_what_applies_and_says_what_it_does(browser, app_url):  # noqa: F811
+    page = _open(browser, app_url)
+    memory = _first_view(page)
+    assert _text(page, "#layout-text").strip().startswith("Active model: embedded")
+    assert "MB" in memory and "GB" not in _text(page, "#memory-text")  # one unit per view
+    assert "MB" in _text(page, "#memory-plot .xtitle")
+    assert "(MB)" in _text(page, PARETO_FIG)
+
+    # sensitivity controls: probes only where a method samples, closed form only for frobenius
+    assert not _shown(page, "#probes") and _shown(page, "#closed-form")
+    _choose(page, "method", "fisher")
+    _wait_shown(page, "#closed-form", False)
+    assert not _shown(page, "#probes")
+    _choose(page, "method", "hessian")
+    _wait_shown(page, "#probes", True)
+    _choose(page, "method", "frobenius")
+    _wait_shown(page, "#closed-form", True)
+    page.locator("#closed-form input").uncheck()
+    _wait_shown(page, "#probes", True)
+    page.locator("#closed-form input").check()
+    _wait_shown(page, "#probes", False)
+
+    # budget: no seed; the target slider is bounded by the bit set
+    assert _shown(page, "#seed")
+    _choose(page, "alloc-method", "budget")
+    _wait_shown(page, "#target-bits", True)
+    assert not _shown(page, "#seed")
+    target = page.locator("#target-bits input[type=range]")
+    assert float(target.get_attribute("max")) == 4.0
+    page.locator("#bits").get_by_label("8").check()
+    page.wait_for_function("() => document.querySelector('#target-bits input[type=range]')"
+                           ".getAttribute('max') === '8'")
+    page.locator("#bits").get_by_label("8").uncheck()
+    page.wait_for_function("() => document.querySelector('#target-bits input[type=range]')"
+                           ".getAttribute('max') === '4'")
+
+    # frequency: no Scores choice; the predicted loss is weighed by a sensitivity
+    _choose(page, "alloc-method", "frequency")
+    _wait_shown(page, "#score-source", False)
+    _wait_text(page, PARETO_FIG, "frobenius")
+    _choose(page, "alloc-method", "kmeans")
+    _wait_shown(page, "#score-source", True)
+
+    # a bit set of one width: one allocation, said so
+    page.locator("#bits").get_by_label("8").check()
+    for b in ("2", "3", "4"):
+        page.locator("#bits").get_by_label(b, exact=True).uncheck()
+    _wait_text(page, PARETO_FIG, "One allocation only")
+    for b in ("2", "3", "4"):
+        page.locator("#bits").get_by_label(b, exact=True).check()
+    page.locator("#bits").get_by_label("8").uncheck()
+    page.wait_for_function(f"!document.querySelector('{PARETO_FIG}')?.textContent"
+                           ".includes('One allocation only')")
+    _shot(page, "07-controls-that-apply")
+
+
+def test_a_failed_load_keeps_the_active_model(browser, app_url):  # noqa: F811
+    page = _open(browser, app_url)
+    _first_view(page)
+    source = page.locator("#source textarea, #source input").first
+    source.fill("/no/such/model")
+    page.get_by_role("button", name="Load", exact=True).click()
+    text = _wait_text(page, "#layout-text", "Could not load")
+    assert "no such model folder" in text and "still shows embedded" in text
+    page.wait_for_function("() => { const e = document.querySelector('#source textarea, "
+                           "#source input'); return e && e.value === 'embedded'; }")
+    assert "Error" not in _text(page, "#heatmap")  # no error block where the heatmap is
+    source.fill("")
+    page.get_by_role("button", name="Load", exact=True).click()
+    _wait_text(page, "#layout-text", "No model given")
+    _shot(page, "08-failed-load")
+    # the page still works on the active model
+    memory = _text(page, MEMORY)
+    clusters = page.locator("#clusters input[type=number]")
+    clusters.fill("2")
+    clusters.press("Enter")
+    _wait_change(page, MEMORY, memory)
+
+
+def test_live_controls_redraw_only_what_changed_quickly(browser, app_url):  # noqa: F811
+    page = _open(browser, app_url)
+    _first_view(page)
+    time.sleep(1.0)  # let the first view settle (late chained events)
+    plots = ["#bits-plot", "#heatmap", "#memory-plot"]
+    page.evaluate(WATCH, plots)
+    memory = _text(page, MEMORY)
+    _choose(page, "base-bits", "8")  # memory changes; the experts' bits do not
+    _wait_change(page, MEMORY, memory)
+    page.wait_for_function(f"() => ({REDRAWN})({json.dumps(plots)})['#memory-plot']")
+    time.sleep(1.0)
+    redrawn = page.evaluate(REDRAWN, plots)
+    assert redrawn == {"#bits-plot": False, "#heatmap": False, "#memory-plot": True}
+    _choose(page, "base-bits", "4")
+
+    # latency: a slider move until the memory text changes, in the page's own clock
+    slider = page.locator("#clusters input[type=range]")
+    moves = []
+    for i in range(7):
+        time.sleep(0.8)
+        start = page.evaluate(ARM)
+        slider.focus()
+        page.keyboard.press("ArrowRight" if i % 2 == 0 else "ArrowLeft")
+        page.wait_for_function("window.__done !== null")
+        moves.append(page.evaluate("window.__done") - start)
+    median = statistics.median(moves)
+    load = os.getloadavg()[0]
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "latency.json").write_text(json.dumps(
+        {"moves_ms": moves, "median_ms": median, "goal_ms": LATENCY_GOAL_MS,
+         "loadavg_1min": load, "cpus": os.cpu_count()}, indent=1))
+    # the goal is judged on a quiet machine; where other jobs hold the cores (more runnable
+    # processes than cores) every round trip slows alike, and only a broken live path (3 s) fails
+    quiet = load <= (os.cpu_count() or 1)
+    limit = LATENCY_GOAL_MS if quiet else 3000.0
+    if not quiet:
+        warnings.warn(f"slider median {median:.0f} ms measured under load {load:.1f}: the "
+                      f"{LATENCY_GOAL_MS:.0f} ms goal is only judged on a quiet machine",
+                      stacklevel=1)
+    assert median <= limit, (
+        f"median {median:.0f} ms over {len(moves)} moves {moves} (load {load:.1f})")
+
+
+def _pairs(page, n: int) -> None:
+    box = page.locator("#pairs input[type=number]")
+    box.fill(str(n))
+    box.press("Enter")
+
+
+def test_queued_runs_say_why_and_runs_survive_a_reload(browser, app_url):  # noqa: F811
+    first = _open(browser, app_url)
+    second = _open(browser, app_url)
+    for page in (first, second):
+        _first_view(page)
+        _pairs(page, 10)
+    first.locator("#quantize-btn").click()
+    _wait_text(first, "#run-text", "Quantizing")
+    time.sleep(1.0)  # the first run is now in the quantize queue
+    second.locator("#quantize-btn").click()
+    note = _wait_text(second, "#run-text", "Queued")
+    assert "1 quantization run is ahead" in note and "one model at a time" in note
+    _shot(second, "09-queued")
+    for page in (first, second):
+        _wait_text(page, "#run-text", "MME score")
+    assert "MB" in _text(first, "#run-text") and "GB" not in _text(first, "#run-text")
+    assert "size (MB)" in _text(first, "#runs-table")
+
+    # the runs scatter: KL as the y axis
+    first.wait_for_selector("#tradeoff-plot .js-plotly-plot")
+    first.locator("#tradeoff-y").get_by_label("KL to the baseline").check()
+    _wait_text(first, "#tradeoff-plot .gtitle", "KL")
+
+    # tuned runs have a seed
+    assert not _shown(first, "#quant-seed")
+    first.locator("#mode").get_by_label("tuned (SignRound)").check()
+    _wait_shown(first, "#quant-seed", True)
+
+    # a reload keeps this browser's runs
+    first.reload()
+    _first_view(first)
+    _wait_text(first, "#runs-table", "#1")
+    first.wait_for_selector("#tradeoff-plot .js-plotly-plot")
+    _shot(first, "10-runs-after-reload", full=True)

@@ -291,7 +291,8 @@ def test_bad_specs(tmp_path):
         ev.load_dataset(str(tmp_path / "missing" / "copy"))
     with pytest.raises(ValueError, match="no MME data"):
         ev.load_dataset("./nope")
-    assert len(ev.load_dataset("synthetic")) == synthetic.EVAL_PER_CATEGORY * len(synthetic.CATEGORIES)
+    n = synthetic.EVAL_PER_CATEGORY * len(synthetic.CATEGORIES)
+    assert len(ev.load_dataset("synthetic")) == n
 
 
 # ------------------------------------------------------------------ evaluation runs

@@ -207,8 +207,30 @@ def test_pareto_marks_the_current_point():
 
 
 def test_pareto_without_current_has_one_trace():
-    fig = plots.pareto_curve([{"gb": 1.0, "predicted_loss": 0.3}])
+    fig = plots.pareto_curve([{"gb": 1.0, "predicted_loss": 0.3}, {"gb": 2.0,
+                                                                   "predicted_loss": 0.1}])
     assert len(fig.data) == 1 and len(fig.layout.annotations) == 0
+
+
+def test_pareto_of_one_bit_width_is_a_readable_single_point():
+    point = {"gb": 0.0016, "predicted_loss": 0.02, "avg_bits": 8.0}
+    fig = plots.pareto_curve([point], current=point, unit="MB")
+    assert "One allocation only" in fig.layout.title.text
+    lo, hi = fig.layout.xaxis.range
+    assert lo < 1.6 < hi and hi - lo > 0.1  # the axis spans the point, not zero width
+    assert any("two or more bit widths" in a.text for a in fig.layout.annotations)
+
+
+def test_pareto_and_memory_in_one_unit():
+    points = [{"gb": 0.0014, "predicted_loss": 0.1}, {"gb": 0.0016, "predicted_loss": 0.05}]
+    fig = plots.pareto_curve(points, unit="MB", score_name="hessian")
+    assert list(fig.data[0].x) == pytest.approx([1.4, 1.6])
+    assert fig.layout.xaxis.title.text == "weights (MB)" and "hessian" in fig.layout.title.text
+    mem = plots.memory_breakdown({"routed_experts": 3 * 10**9}, unit="GB")
+    assert mem.data[0].x == (3.0,) and "GB" in mem.layout.xaxis.title.text
+    assert plots.unit_for(4.4e6) == "MB" and plots.unit_for(6e10) == "GB"
+    with pytest.raises(ValueError, match="unit"):
+        plots.memory_breakdown({"routed_experts": 1}, unit="KiB")
 
 
 def test_results_bars_group_runs_by_category():
@@ -231,9 +253,29 @@ def test_tradeoff_scatter_draws_baseline_apart():
     by_name = {t.name: t for t in fig.data}
     assert set(by_name) == {"baseline", "kmeans", "uniform"}
     assert by_name["baseline"].marker.symbol == "diamond"
-    assert by_name["kmeans"].marker.symbol is None
+    assert by_name["kmeans"].marker.symbol == ("circle",)  # no mode given: RTN's circle
     assert by_name["kmeans"].text[0] == "kmeans · 3.04 b"
     assert fig.layout.xaxis.title.text == "weights (GB)"
+
+
+def test_tradeoff_scatter_marks_modes_keeps_labels_and_plots_kl():
+    runs = [{"method": "baseline", "avg_bits": 16.0, "gb": 0.0044, "score": 600.0,
+             "baseline": True},
+            {"method": "kmeans", "avg_bits": 3.0, "gb": 0.0014, "score": 550.0, "kl": 0.02,
+             "mode": "rtn"},
+            {"method": "kmeans", "avg_bits": 3.0, "gb": 0.0014, "score": 560.0, "kl": 0.01,
+             "mode": "tuned"}]
+    fig = plots.tradeoff_scatter(runs, unit="MB")
+    kmeans = next(t for t in fig.data if t.name == "kmeans")
+    assert kmeans.marker.symbol == ("circle", "square") and kmeans.cliponaxis is False
+    assert list(kmeans.x) == pytest.approx([1.4, 1.4]) and "MB" in fig.layout.xaxis.title.text
+    lo, hi = fig.layout.yaxis.range
+    assert lo < 550 and hi > 600  # room above the top label
+    kl = plots.tradeoff_scatter(runs, unit="MB", y="kl")
+    assert list(next(t for t in kl.data if t.name == "kmeans").y) == [0.02, 0.01]
+    assert "KL" in kl.layout.yaxis.title.text
+    with pytest.raises(ValueError, match="y must be"):
+        plots.tradeoff_scatter(runs, y="loss")
 
 
 def test_training_curve_sorts_steps_and_plots_categories():
@@ -280,13 +322,18 @@ def test_bad_input_raises_value_error(call):
     lambda: plots.compare_heatmaps(np.ones((3, 8)), np.ones((3, 8))),
     lambda: plots.memory_breakdown({"attention": 10, "embeddings_lm_head": 5}),
     lambda: plots.pareto_curve([{"gb": 1.0, "predicted_loss": 0.1}]),
+    lambda: plots.pareto_curve([{"gb": 1.0, "predicted_loss": 0.1},
+                                {"gb": 2.0, "predicted_loss": 0.0}], unit="MB"),
     lambda: plots.results_bars({"bf16": {"existence": 100.0}}),
     lambda: plots.tradeoff_scatter([{"method": "m", "avg_bits": 3, "gb": 1, "score": 5}]),
     lambda: plots.training_curve([{"step": 1, "score": 2.0}]),
 ])
 def test_figures_share_conventions_and_serialise(build):
     fig = build()
-    assert fig.layout.template == pio.templates["plotly_white"]
+    white = pio.templates["plotly_white"].layout
+    assert fig.layout.template.layout.plot_bgcolor == white.plot_bgcolor
+    assert fig.layout.template.layout.colorway == white.colorway
+    assert len(fig.layout.template.to_plotly_json()["layout"]) < 12  # small: cheap to set
     assert fig.layout.height and fig.layout.height <= 900
     assert fig.layout.margin.t <= 80 and fig.layout.margin.l <= 80
     assert fig.to_json()  # plotly accepts every value we set

@@ -1,0 +1,226 @@
+"""What the page shows: the handlers' logic, driven in-process on the embedded model.
+
+No server, no browser: the handlers get a dict of widget values like gradio passes them, and
+the tests read the updates they return. ``tests/test_browser.py`` checks the same in Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import gradio as gr
+import numpy as np
+import pytest
+
+from mopeq import app_state as st
+from mopeq import app_view as view
+from mopeq.app_api import profile_text, run_text
+from tests.test_app import embedded_model, standin_dir  # noqa: F401 - fixtures
+
+SKIP = gr.skip()
+
+
+def _quiet(*_a, **_k):
+    pass
+
+
+@pytest.fixture(scope="module")
+def page(embedded_model):  # noqa: F811 - the fixture
+    """Handlers on a fresh session with the page's default values, after the first load."""
+    import app
+
+    w = SimpleNamespace()
+    with gr.Blocks():
+        app.build_layout(w)
+    h = app.Handlers(st.ModelCache(), w)
+    v = {c: getattr(c, "value", None) for c in app._inputs(w)}
+    v[w.state], v[w.saved_runs] = st.SessionState(), {}
+    h.load(v, progress=_quiet)
+    h.allocate(v)
+    return SimpleNamespace(h=h, w=w, v=v)
+
+
+def _sent(out: dict, component) -> bool:
+    return out[component] != SKIP
+
+
+# ------------------------------------------------------------------------ controls
+
+
+def test_sensitivity_controls_show_only_what_applies():
+    assert view.score_controls("fisher", True) == {"probes": False, "closed_form": False}
+    assert view.score_controls("frequency", False) == {"probes": False, "closed_form": False}
+    assert view.score_controls("hessian", True) == {"probes": True, "closed_form": False}
+    assert view.score_controls("frobenius", True) == {"probes": False, "closed_form": True}
+    assert view.score_controls("frobenius", False) == {"probes": True, "closed_form": True}
+
+
+def test_allocation_controls_show_only_what_applies():
+    for method in ("budget", "uniform"):
+        assert view.alloc_controls(method)["seed"] is False
+    for method in ("kmeans", "frequency", "random"):
+        assert view.alloc_controls(method)["seed"] is True
+    assert view.alloc_controls("frequency")["score_source"] is False  # routing counts only
+    assert view.alloc_controls("kmeans")["score_source"] is True
+
+
+def test_budget_target_is_bounded_and_a_cap_is_said():
+    assert view.target_bounds([4, 2, 3]) == (2.0, 4.0)
+    assert view.target_bounds([8]) == (8.0, 8.0)
+    note = view.budget_note("budget", 8.0, (2, 3, 4))
+    assert "above the widest width (4)" in note and "every expert gets 4 bits" in note
+    assert view.budget_note("budget", 3.5, (2, 3, 4)) == ""
+    assert view.budget_note("kmeans", 8.0, (2, 3, 4)) == ""
+
+
+def test_predicted_loss_is_never_weighted_by_routing_counts():
+    assert view.judge_method("hessian", "kmeans") == "hessian"
+    assert view.judge_method("hessian", "frequency") == "frobenius"
+    assert view.judge_method("frequency", "kmeans") == "frobenius"
+
+
+# ------------------------------------------------------------------------ texts
+
+
+def test_status_lines_name_the_method_and_a_cache_hit():
+    fisher = SimpleNamespace(method="fisher", meta={
+        "settings": {"normalize_per_layer": False, "loss": "ce"}, "elapsed_s": 51.73})
+    text = profile_text(fisher, cached=False)
+    assert "routing counts" not in text and "squared gradients" in text
+    hit = profile_text(fisher, cached=True)
+    assert "from cache" in hit and "51.73" not in hit
+    freq = SimpleNamespace(method="frequency", meta={"settings": {}, "elapsed_s": 1.0})
+    assert "routing counts" in profile_text(freq, cached=False)
+
+
+def test_one_unit_per_view():
+    assert view.unit_for(4.4e6) == "MB" and view.unit_for(6.1e10) == "GB"
+    summary = {"label": "#1", "mode": "rtn", "score": 900.0, "baseline_score": 950.0,
+               "delta": -50.0, "pairs": 10, "kl": 0.01, "flip_rate": 0.1, "gb": 0.00143,
+               "ratio_vs_bf16": 3.04, "quantize_s": 2.0}
+    text = run_text(summary)
+    assert "1.430 MB" in text and "GB" not in text
+    import pandas as pd
+
+    frame = pd.DataFrame([{**summary, "avg_bits": 3.0, "deployable_fused": False}])
+    table = view.readable_runs(frame, "MB")
+    assert "size (MB)" in table and "gb" not in table
+    row = table.iloc[0]
+    assert row["size (MB)"] == "1.430" and row["kl"] == "0.0100"
+    assert row["flip_rate"] == "10.0%" and row["delta"] == "-50.0"
+    assert row["ratio_vs_bf16"] == "3.04×"
+
+
+def test_queue_note_says_why_a_run_waits():
+    assert view.queue_text(0, None) == "⏳ Quantizing…"
+    text = view.queue_text(1, 20.0)
+    assert "1 quantization run is ahead" in text and "one model at a time" in text
+    assert "about 20 s" in text
+    assert "2 quantization runs are ahead" in view.queue_text(2, None)
+
+
+def test_drawn_tracks_what_each_output_shows():
+    drawn = view.Drawn()
+    key = view.fingerprint(np.array([[2, 4]]), "frobenius")
+    assert drawn.changed("bits_plot", key) and not drawn.changed("bits_plot", key)
+    assert drawn.changed("bits_plot", view.fingerprint(np.array([[4, 4]]), "frobenius"))
+    drawn.forget()
+    assert drawn.changed("bits_plot", key)
+
+
+# ------------------------------------------------------------------------ handlers
+
+
+def test_a_live_event_sends_only_what_changed(page):
+    h, w, v = page.h, page.w, page.v
+    again = h.allocate(v)
+    assert all(val == SKIP for val in again.values())  # nothing changed: nothing is redrawn
+    v[w.base_bits] = 8  # memory changes; the bits of the experts do not
+    out = h.allocate(v)
+    assert _sent(out, w.memory_md) and _sent(out, w.memory_plot)
+    assert not _sent(out, w.bits_plot) and not _sent(out, w.heatmap)
+    assert not _sent(out, w.clusters_df)
+    v[w.base_bits] = 4
+    h.allocate(v)
+
+
+def test_the_allocation_follows_a_newly_computed_method(page):
+    h, w, v = page.h, page.w, page.v
+    out = h.profile({**v, w.method: "frequency"}, progress=_quiet)
+    assert out[w.score_source]["value"] == "frequency"  # what the heatmap now shows
+    assert out[w.view_method]["value"] == "frequency"
+    alloc = h.allocate({**v, w.score_source: "frequency", w.view_method: "frequency"})
+    assert "allocated by **frequency** scores" in alloc[w.memory_md]
+    h.allocate(v)  # back to frobenius for the other tests
+
+
+def test_frequency_allocation_judges_by_a_sensitivity(page):
+    h, w, v = page.h, page.w, page.v
+    out = h.allocate({**v, w.alloc_method: "frequency", w.score_source: "frobenius"})
+    state = v[w.state]
+    pareto = out[w.pareto_plot]
+    assert "frobenius" in pareto.layout.title.text
+    frobenius = state.scores["frobenius"]
+    errs = st.errors(st.ModelCache.key("embedded") and h.models.get("embedded"), (2, 3, 4), 128)
+    from mopeq.allocate import predicted_loss
+
+    expected = predicted_loss(state.allocation.bitmap, frobenius, errs, (2, 3, 4))
+    assert state.allocation.current["predicted_loss"] == pytest.approx(expected)
+    h.allocate(v)
+
+
+def test_budget_above_the_bit_set_says_so(page):
+    h, w, v = page.h, page.w, page.v
+    out = h.allocate({**v, w.alloc_method: "budget", w.target_bits: 8.0})
+    assert "above the widest width (4)" in out[w.memory_md]
+    assert h.target_range([2, 3, 4], 8.0)["maximum"] == 4.0
+    assert h.target_range([2, 3, 4, 8], 3.0)["maximum"] == 8.0
+    single = h.allocate({**v, w.alloc_method: "kmeans", w.bits: [8]})
+    assert "One allocation only" in single[w.pareto_plot].layout.title.text
+    h.allocate(v)
+
+
+def test_a_failed_or_empty_load_keeps_the_active_model_and_says_so(page, tmp_path):
+    h, w, v = page.h, page.w, page.v
+    out = h.load({**v, w.source: str(tmp_path / "missing")}, progress=_quiet)
+    assert "Could not load" in out[w.layout_md] and "**embedded**" in out[w.layout_md]
+    assert "no such model folder" in out[w.layout_md]
+    assert out[w.source] == "embedded"  # the box names the model the page works on
+    assert out[w.params_df] == SKIP and out[w.score_source] == SKIP
+    assert v[w.state].key == ("embedded", False)
+    empty = h.load({**v, w.source: "  "}, progress=_quiet)
+    assert "No model given" in empty[w.layout_md] and empty[w.source] == "embedded"
+    loaded = h.load(v, progress=_quiet)
+    assert loaded[w.layout_md].startswith("Active model: **embedded**")
+
+
+def test_runs_are_kept_for_the_browser_and_restored(page):
+    state = st.SessionState()
+    runs = [{"label": "#1 kmeans", "method": "kmeans", "scores": "frobenius", "mode": "rtn",
+             "pairs": 10, "avg_bits": 3.0, "gb": 0.0014, "score": 900.0,
+             "baseline_score": 950.0, "kl": 0.01, "ratio_vs_bf16": 3.0,
+             "deployable_fused": False}]
+    state.runs.extend(runs)
+    from mopeq import app_page
+
+    saved = json.loads(json.dumps(app_page.saved_runs(state, "abc")))  # what the browser keeps
+    fresh = st.SessionState()
+    assert not app_page.restore_runs(fresh, saved, "other-model")
+    assert app_page.restore_runs(fresh, saved, "abc") and fresh.runs == runs
+    assert not app_page.restore_runs(fresh, saved, "abc")  # never twice
+
+
+def test_tuned_runs_pass_their_seed_to_auto_round():
+    from mopeq import tiny
+    from mopeq.moe import discover
+    from mopeq.quantize import QuantConfig, _autoround, layer_config, quant_root
+
+    model, processor = tiny.new_model(tiny.TinyRecipe(hidden_size=64, expert_ffn=64))
+    layout = discover(model)
+    root, prefix = quant_root(model)
+    bits = np.full((layout.num_moe_layers, layout.num_experts), 4)
+    config = QuantConfig(mode="tuned", group_size=32, seed=7)
+    cfg = layer_config(layout, bits, config, prefix)
+    ar = _autoround(root, processor.tokenizer, cfg, config, ["a calibration text"] * 4)
+    assert ar.seed == 7
