@@ -24,7 +24,7 @@ def mixed_bits(layout):
 @pytest.fixture(scope="module")
 def tiny_vlm():
     model, processor = tiny.new_model(
-        tiny.TinyRecipe(hidden_size=64, expert_ffn=64, language_model="deepseek_v2"))
+        tiny.TinyRecipe(hidden_size=64, expert_ffn=64, num_experts=8, language_model="deepseek_v2"))
     return model, processor, discover(model)
 
 
