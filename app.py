@@ -28,6 +28,7 @@ from mopeq.app_api import (
     profile_text,
     run_text,
 )
+from mopeq.methods import RECOMMENDED as RECOMMENDED_METHOD
 
 LOG = logging.getLogger("mopeq.app")
 BIT_CHOICES = [2, 3, 4, 8]
@@ -383,7 +384,9 @@ def _sensitivity_panel(w: SimpleNamespace, methods) -> None:
     gr.Markdown("## 1 · Sensitivity")
     with gr.Row(equal_height=True):
         w.method = gr.Dropdown(list(methods), value="frobenius", label="Method", min_width=120,
-                               elem_id="method")
+                               elem_id="method",
+                               info=f"frobenius: the paper's data-free baseline; "
+                                    f"{RECOMMENDED_METHOD}: the best data-aware ranking")
         w.probes = gr.Slider(2, 256, value=100, step=1, label="Probes", visible=False,
                              elem_id="probes")
         w.closed_form = gr.Checkbox(value=True, label="frobenius: exact closed form",

@@ -1,0 +1,20 @@
+"""The one method table: every front end reads it, and its recommendation is a real method."""
+
+from mopeq import methods
+from mopeq.cli import build_parser
+
+
+def _choices(command: str, option: str) -> tuple:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return tuple(next(a for a in sub._actions if option in a.option_strings).choices)
+
+
+def test_cli_method_choices_are_the_table():
+    assert _choices("profile", "--method") == methods.NAMES
+
+
+def test_recommended_method_is_data_aware_and_brings_its_own_errors():
+    info = methods.info(methods.RECOMMENDED)
+    assert info.needs_data and info.provides_errors
+    assert methods.RECOMMENDED != "frobenius" and methods.info("frobenius").needs_data is False
