@@ -57,9 +57,9 @@ def run_study(loaded: LoadedModel, pairs: int | None = None, seed: int = 0,
     layout = discover(loaded.model)
     mem = MemoryConfig(group_size=group_size, base_bits=base_bits)
     qconf = QuantConfig(group_size=group_size, base_bits=base_bits)
-    progress(0.0, "sensitivities (frobenius, hessian, fisher, frequency)")
+    progress(0.0, "sensitivities (frobenius, hessian, fisher, frequency, block_fisher)")
     scores = {m: pipeline.sensitivity(loaded, layout, m, ProfileConfig())
-              for m in ("frobenius", "hessian", "fisher", "frequency")}
+              for m in ("frobenius", "hessian", "fisher", "frequency", "block_fisher")}
     errors = pipeline.errors_for(loaded, layout, (2, 3, 4), group_size)
     runs: list[dict] = []
     base = pipeline.baseline_evaluation(loaded, "synthetic", pairs, seed)
@@ -84,6 +84,8 @@ def run_study(loaded: LoadedModel, pairs: int | None = None, seed: int = 0,
     budget = AllocConfig(method="budget", target_gb=ref.memory.gb, memory=mem)
     run("budget hessian x RTN error, same GB",
         pipeline.allocation(scores["hessian"], layout, budget, errors=errors))
+    run("budget block_fisher (its own errors), same GB",  # the recommended data-aware method
+        pipeline.allocation(scores["block_fisher"], layout, budget))
     if with_autoscheme:
         runs.append(_autoscheme_row(loaded, layout, ref.bitmap.avg_bits, qconf, mem, base,
                                     pairs, seed))
