@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mopeq import calibration, moe, sensitivity, tiny  # noqa: E402
+from mopeq import calibration, estimators, moe, tiny  # noqa: E402
 from mopeq.models import EMBEDDED_DIR, load_model  # noqa: E402
 from mopeq.sensitivity import ProfileConfig, profile  # noqa: E402
 
@@ -50,7 +50,7 @@ def best_of(repeats: int, fn) -> float:
 
 def pyhessian_loop(model, layout, batch, probes: int, seed: int = 0) -> float:
     """Global Hutchinson trace: one shared graph, one HVP per probe, one global dot product."""
-    params = [p for b in layout.blocks for p in sensitivity._block_params(model, b)]
+    params = [p for b in layout.blocks for p in estimators._block_params(model, b)]
     gen = torch.Generator().manual_seed(seed)
     trace = 0.0
     with calibration.expert_grad_mode(model, params):

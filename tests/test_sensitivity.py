@@ -263,7 +263,8 @@ def test_hessian_through_tiny_vlm_sdpa_attention(tiny_vlm):
     model, processor, layout = tiny_vlm
     data = C.calibration_batches(model, processor, n_batches=1, batch_size=4, seed=0)
     s = profile(model, layout, "hessian", ProfileConfig(probes=3, min_probes=3, **NOCACHE), data)
-    assert s.scores.shape == (layout.num_moe_layers, layout.num_experts) and np.isfinite(s.scores).all()
+    assert s.scores.shape == (layout.num_moe_layers, layout.num_experts)
+    assert np.isfinite(s.scores).all()
     assert s.meta["probes"] == 3 and 0 < s.meta["coverage"] <= 1
     assert model.language_model.config._attn_implementation == "sdpa"  # MATH backend used
 
