@@ -321,6 +321,17 @@ class Handlers:
                 "Scores only: quantize first to export the recipe, snippets and checkpoint.")
         return {w.files: files, w.export_md: note}
 
+    @readable_errors
+    def report(self, v: dict, progress=TRACKED) -> dict:
+        """Rank every sensitivity method against ``measured`` (the sensitivity report)."""
+        w, state = self.w, v[self.w.state]
+        entry = self._entry(state)
+        flag = state.new_job("report")
+        report = st.sensitivity_quality(entry, on_progress=st.cancellable(
+            flag, _reporter(progress)))
+        return {w.report_md: st.report_summary(report),
+                w.report_df: view.readable(st.report_table(report), "{:.3g}")}
+
     @staticmethod
     def cancel(kind: str):
         """A handler that flags the session's running job of ``kind``."""
@@ -481,6 +492,18 @@ def _quantize_panel(w: SimpleNamespace) -> None:
                                  label="Your runs (kept in this browser)", elem_id="runs-table")
 
 
+def _report_panel(w: SimpleNamespace) -> None:
+    with gr.Accordion("Sensitivity quality: which score predicts quantization damage?",
+                      open=False):
+        gr.Markdown("Every method against `measured` (each expert alone RTN-quantized, the "
+                    "answer KL it causes): Spearman with a 95 % bootstrap interval, "
+                    "reliability, wall time, and the answer KL of the budget allocation each "
+                    "method drives. Takes minutes (cached methods come back at once).")
+        w.report_btn = gr.Button("Run the sensitivity report", elem_id="report-btn")
+        w.report_md = gr.Markdown(elem_id="report-text")
+        w.report_df = gr.Dataframe(interactive=False, elem_id="report-table")
+
+
 def _export_panel(w: SimpleNamespace) -> None:
     gr.Markdown("## 4 · Export")
     with gr.Row(equal_height=True):
@@ -508,6 +531,7 @@ def build_layout(w: SimpleNamespace) -> None:
         with gr.Column(scale=2):
             _allocation_panel(w, st.ALLOC_METHODS)
     _allocation_results(w)
+    _report_panel(w)
     _quantize_panel(w)
     _export_panel(w)
 
@@ -532,7 +556,8 @@ def _inputs(w: SimpleNamespace) -> set:
             "quantize_cancel", "export_btn", "layout_md", "params_df", "profile_md", "heatmap",
             "bits_plot", "pareto_plot", "clusters_df", "memory_md", "deploy_md", "memory_plot",
             "compare_plot", "run_md", "category_df", "results_plot", "tradeoff_plot", "runs_df",
-            "files", "export_md"}  # outputs and buttons; every control and state is an input
+            "files", "export_md", "report_btn", "report_md", "report_df"}  # outputs and buttons;
+    # every control and state is an input
     return {c for n, c in vars(w).items() if n not in skip}
 
 
@@ -593,6 +618,8 @@ def wire(demo: gr.Blocks, h: Handlers, w: SimpleNamespace) -> None:
                             **_private("cancel_quantize"))
     w.export_btn.click(h.export, inputs, _outputs(w, "files", "export_md"),
                        **_private("export", "export", 1))
+    w.report_btn.click(h.report, inputs, _outputs(w, "report_md", "report_df"),
+                       **_private("report", "quantize", 1, show_progress_on=[w.report_md]))
 
 
 def register_api(api: Api) -> None:

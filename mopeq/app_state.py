@@ -405,6 +405,45 @@ def quantize_evaluate(entry: ModelEntry, alloc: Allocation, settings: AllocSetti
     return run
 
 
+def sensitivity_quality(entry: ModelEntry, config=None, on_progress: Progress = _noop):
+    """The sensitivity report (every method against ``measured``) of the entry's model.
+
+    Minutes on the embedded model (each method's scores come from the cache when known); one
+    heavy job at a time, like a quantization.
+    """
+    from mopeq.sens_report import ReportConfig, sensitivity_report
+
+    with entry.running(on_progress):
+        return sensitivity_report(entry.loaded, config or ReportConfig(), on_progress)
+
+
+REPORT_COLUMNS = ("method", "spearman", "spearman_ci", "spearman_heldout", "seed_reliability",
+                  "split_half", "wall_s", "answer_kl@2.5", "answer_kl@3.0")
+
+
+def report_table(report) -> pd.DataFrame:
+    """The report's main columns, one row per method (what the page shows)."""
+    frame = report.frame()
+    return frame[[c for c in REPORT_COLUMNS if c in frame.columns]]
+
+
+def report_summary(report) -> str:
+    """One paragraph: the best-ranking method and where the paper's score stands."""
+    rows = [r for r in report.rows if r["method"] != report.reference]
+    if not rows:
+        return "Only the reference was computed."
+    best = max(rows, key=lambda r: r["spearman"])
+    text = (f"Best ranking against `{report.reference}`: **{best['method']}** (Spearman "
+            f"{best['spearman']:.2f}, 95 % CI [{best['spearman_ci'][0]:.2f}, "
+            f"{best['spearman_ci'][1]:.2f}]).")
+    paper = next((r for r in rows if r["method"] == "frobenius"), None)
+    if paper is not None:
+        text += (f" The paper's data-free `frobenius`: {paper['spearman']:.2f} "
+                 f"[{paper['spearman_ci'][0]:.2f}, {paper['spearman_ci'][1]:.2f}]"
+                 + (" — it ranks experts backwards." if paper["spearman_ci"][1] < 0 else "."))
+    return text
+
+
 def run_summary(run: Run, pairs: int) -> dict:
     """``Run.summary`` with the subset size and the per-category comparison."""
     per_cat = run.comparison["per_category"]

@@ -364,3 +364,19 @@ def test_runs_scatter_points_group_by_method_and_scores():
     from mopeq import plots
 
     assert len(plots.tradeoff_scatter(points).data) == 3
+
+
+def test_sensitivity_quality_panel_ranks_methods_against_measured(embedded_model):
+    from mopeq.sens_report import ReportConfig
+
+    entry = st.ModelCache().get("embedded")
+    config = ReportConfig(methods=("frequency", "block_error"), n_batches=1, batch_size=4,
+                          targets=(), bits=(2,), pairs=14, use_cache=False)
+    report = st.sensitivity_quality(entry, config)
+    table = st.report_table(report)
+    assert list(table["method"]) == ["measured", "frequency", "block_error"]
+    assert table.loc[0, "spearman"] == pytest.approx(1.0)
+    assert all(-1 <= r <= 1 for r in table["spearman"])
+    text = st.report_summary(report)
+    best = max(report.rows[1:], key=lambda r: r["spearman"])["method"]
+    assert f"**{best}**" in text and "95 % CI" in text
