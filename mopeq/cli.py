@@ -276,10 +276,18 @@ def cmd_study(args) -> int:
     """The comparison study: MoPEQ vs baselines vs the peer on one model and subset."""
     from mopeq.study import run_study
 
-    table = run_study(_load(args), pairs=args.pairs, seed=args.seed, out_dir=args.out,
+    loaded = _load(args)
+    table = run_study(loaded, pairs=args.pairs, seed=args.seed, out_dir=args.out,
                       random_seeds=args.random_seeds, group_size=args.group_size,
                       on_progress=_stderr_progress)
     print(table)
+    if not args.no_report:  # the study carries the sensitivity-quality table too
+        from mopeq.sens_report import ReportConfig, sensitivity_report, write_report
+
+        report = sensitivity_report(loaded, ReportConfig(group_size=args.group_size,
+                                                         pairs=args.pairs),
+                                    on_progress=_stderr_progress)
+        print(f"\nsensitivity quality: {write_report(report, args.out)}")
     return 0
 
 
@@ -423,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--random-seeds", type=int, default=5)
     sp.add_argument("--group-size", type=int, default=128)
     sp.add_argument("--out", default="study")
+    sp.add_argument("--no-report", action="store_true",
+                    help="skip the sensitivity-quality report (every method vs measured)")
     sp.set_defaults(func=cmd_study)
 
     sp = sub.add_parser("sensitivity-report",
