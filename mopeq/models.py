@@ -144,7 +144,6 @@ def _load_dir(path: Path, source: str, trust_remote_code: bool, dtype) -> Loaded
     return LoadedModel(model.eval(), processor, fingerprint_dir(path), source, kind, path)
 
 
-STORED_DTYPES_ATTR = "_mopeq_stored_dtypes"
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
@@ -170,6 +169,8 @@ def stored_dtypes(folder: Path) -> dict | None:
 
 def mark_stored_dtypes(model: nn.Module, folder: Path) -> None:
     """Remember the checkpoint's stored dtypes on the model (read by ``moe.discover``)."""
+    from mopeq.moe import STORED_DTYPES_ATTR
+
     table = stored_dtypes(folder)
     if table is not None:
         setattr(model, STORED_DTYPES_ATTR, table)

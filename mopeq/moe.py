@@ -345,13 +345,17 @@ def _tensors(model: nn.Module, blocks: list[MoEBlock], spec: ArchSpec) -> tuple[
     return tuple(out)
 
 
+# Where ``models.mark_stored_dtypes`` keeps a checkpoint's on-disk dtypes on a loaded model.
+STORED_DTYPES_ATTR = "_mopeq_stored_dtypes"
+
+
 def stored_dtype(model: nn.Module, name: str, tensor: torch.Tensor) -> str:
     """The dtype ``name`` is stored in.
 
     The checkpoint's (when the loader recorded it), else the tensor's own. Unknown names (e.g.
     fused experts saved per expert) take the checkpoint's most common dtype.
     """
-    table = getattr(model, "_mopeq_stored_dtypes", None)  # models.STORED_DTYPES_ATTR
+    table = getattr(model, STORED_DTYPES_ATTR, None)
     if table is None:
         return dtype_name(tensor.dtype)
     return table["tensors"].get(name, table["default"])

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mopeq.memory import quantizable, takes_base_bits
-from mopeq.moe import PROJECTIONS, MoELayout
+from mopeq.moe import PROJECTIONS, STORED_DTYPES_ATTR, MoELayout
 from mopeq.snippets import (  # noqa: F401 - re-exported: the export's public API
     GGML_TYPES,
     gptq_dynamic,
@@ -270,7 +270,7 @@ def _write_checkpoint(result: QuantResult, folder: Path, processor) -> None:
     if prefix:  # a VLM: the unquantized rest of the model beside the quantized language model
         from safetensors.torch import save_file
 
-        table = getattr(result.model, "_mopeq_stored_dtypes", None)  # models.mark_stored_dtypes
+        table = getattr(result.model, STORED_DTYPES_ATTR, None)  # models.mark_stored_dtypes
         rest = {k: v.detach().to(_stored_dtype(v, table, k)).contiguous()
                 for k, v in result.model.state_dict().items() if not k.startswith(prefix)}
         save_file(rest, str(folder / "rest.safetensors"))
