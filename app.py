@@ -8,8 +8,8 @@ are drawn without a click.
 
 The main steps are also public, stateless API endpoints keyed by the model source, for
 ``gradio_client`` scripts and notebooks: ``/load_model``, ``/profile``, ``/allocate`` and
-``/quantize_evaluate`` (see ``API_EXAMPLE``). Figures come from ``mopeq.plots``; everything
-else from ``mopeq.app_state`` and the library. Run locally with ``python app.py``.
+``/quantize_evaluate`` (see ``API_EXAMPLE``). Figures come from ``mopeq.app.figures``; everything
+else from ``mopeq.app.state`` and the library. Run locally with ``python app.py``.
 """
 
 import functools
@@ -19,16 +19,15 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from mopeq import app_page as page
-from mopeq import app_state as st
-from mopeq import app_view as view
-from mopeq.app_api import (
+from mopeq.app import page, view
+from mopeq.app import state as st
+from mopeq.app.api import (
     Api,
     layout_text,
     profile_text,
     run_text,
 )
-from mopeq.methods import RECOMMENDED as RECOMMENDED_METHOD
+from mopeq.core.methods import RECOMMENDED as RECOMMENDED_METHOD
 
 LOG = logging.getLogger("mopeq.app")
 BIT_CHOICES = [2, 3, 4, 8]
@@ -143,7 +142,7 @@ class Handlers:
             state, key, lambda: self._view_figure(state, entry, *args, v))}
 
     def _view_figure(self, state, entry, method, kind, projection, log, v):
-        from mopeq import plots
+        from mopeq.app import figures as plots
 
         score = self._scores(state, entry, method, v)
         bits = None if state.allocation is None else state.allocation.bitmap.bits
@@ -251,7 +250,7 @@ class Handlers:
     @readable_errors
     def compare(self, v: dict, progress=TRACKED) -> dict:
         """Two methods side by side with their rank correlation (computes what is missing)."""
-        from mopeq import plots
+        from mopeq.app import figures as plots
 
         w, state = self.w, v[self.w.state]
         entry = self._entry(state)
@@ -265,7 +264,7 @@ class Handlers:
     @readable_errors
     def quantize(self, v: dict, progress=TRACKED) -> dict:
         """Quantize with the current map, evaluate, and add the run to the session."""
-        from mopeq import plots
+        from mopeq.app import figures as plots
 
         w, state = self.w, v[self.w.state]
         entry, settings = self._entry(state), self._settings(v)

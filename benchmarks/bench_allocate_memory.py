@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from mopeq.allocate import AllocConfig, allocate, pareto, snap_per_layer  # noqa: E402
-from mopeq.memory import MemoryConfig, estimate  # noqa: E402
-from mopeq.moe import MoELayout, discover, layout_from_config  # noqa: E402
+from mopeq.allocation.allocate import AllocConfig, allocate, pareto, snap_per_layer  # noqa: E402
+from mopeq.core.memory import MemoryConfig, estimate  # noqa: E402
+from mopeq.model.moe import MoELayout, discover, layout_from_config  # noqa: E402
 
 
 def v3_layout() -> MoELayout:
@@ -44,7 +44,7 @@ def v3_layout() -> MoELayout:
 
 
 def tiny_layout() -> MoELayout:
-    from mopeq import tiny
+    from mopeq.embedded import tiny
 
     model, _ = tiny.new_model(tiny.TinyRecipe())
     return discover(model)

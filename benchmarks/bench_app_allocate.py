@@ -2,7 +2,7 @@
 
     python benchmarks/bench_app_allocate.py [--repeats 9]
 
-Times ``mopeq.app_api.Api.allocate`` (model, scores and errors already cached, as after the
+Times ``mopeq.app.api.Api.allocate`` (model, scores and errors already cached, as after the
 first view) for several settings, as medians, against a baseline measured in the same process:
 the bare library call ``pipeline.allocation`` on in-memory scores (no app overhead).
 """
@@ -37,12 +37,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from mopeq import app_state, pipeline
-    from mopeq.allocate import AllocConfig
-    from mopeq.app_api import Api
-    from mopeq.models import load_model
-    from mopeq.moe import discover
-    from mopeq.sensitivity import ProfileConfig
+    from mopeq.allocation.allocate import AllocConfig
+    from mopeq.app import state as app_state
+    from mopeq.app.api import Api
+    from mopeq.model.loading import load_model
+    from mopeq.model.moe import discover
+    from mopeq.sensitivity.profile import ProfileConfig
+    from mopeq.workflow import pipeline
 
     api = Api(app_state.ModelCache())
     api.allocate(source="embedded")  # the first view: load, score, errors (then cached)

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from mopeq import synthetic, tiny  # noqa: E402
-from mopeq.evaluate import adapter_for, evaluate_samples, quick_subset, score_mme  # noqa: E402
-from mopeq.models import EMBEDDED, LoadedModel, ModelLoadError, load_model  # noqa: E402
+from mopeq.embedded import synthetic, tiny  # noqa: E402
+from mopeq.evaluation.evaluate import adapter_for, evaluate_samples, quick_subset, score_mme  # noqa: E402
+from mopeq.model.loading import EMBEDDED, LoadedModel, ModelLoadError, load_model  # noqa: E402
 
 
 def _model(source: str) -> tuple[LoadedModel, str]:

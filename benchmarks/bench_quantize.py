@@ -30,13 +30,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from mopeq import pipeline
-    from mopeq.allocate import AllocConfig
-    from mopeq.evaluate import run_evaluation
-    from mopeq.models import load_model
-    from mopeq.moe import discover
-    from mopeq.quantize import QuantConfig, quantize
-    from mopeq.sensitivity import ProfileConfig
+    from mopeq.allocation.allocate import AllocConfig
+    from mopeq.evaluation.evaluate import run_evaluation
+    from mopeq.model.loading import load_model
+    from mopeq.model.moe import discover
+    from mopeq.quantize.autoround import QuantConfig, quantize
+    from mopeq.sensitivity.profile import ProfileConfig
+    from mopeq.workflow import pipeline
 
     loaded = load_model(args.model)
     layout = discover(loaded.model)

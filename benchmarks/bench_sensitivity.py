@@ -1,4 +1,4 @@
-"""Benchmark of mopeq.sensitivity, printed as ratios measured in one run (same model, same batch).
+"""Benchmark of sensitivity.profile, printed as ratios measured in one run (same model, same batch).
 
 1. ``hessian``: time per probe for all per-expert traces (``profile``) vs a PyHessian-style
    global trace loop (one double-backward HVP per probe over the same expert parameters, one
@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mopeq import calibration, estimators, moe, tiny  # noqa: E402
-from mopeq.models import EMBEDDED_DIR, load_model  # noqa: E402
-from mopeq.sensitivity import ProfileConfig, profile  # noqa: E402
+from mopeq.embedded import tiny
+from mopeq.model import moe
+from mopeq.model.loading import EMBEDDED_DIR, load_model  # noqa: E402
+from mopeq.sensitivity.profile import ProfileConfig, calibration, estimators, profile  # noqa: E402  # noqa: E402
 
 
 def load(which: str):

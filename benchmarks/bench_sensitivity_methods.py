@@ -25,10 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mopeq import calibration, methods, moe  # noqa: E402
-from mopeq.measured import measured_cost  # noqa: E402
-from mopeq.models import LoadedModel, load_model  # noqa: E402
-from mopeq.sensitivity import ProfileConfig, profile  # noqa: E402
+from mopeq.core import methods
+from mopeq.model import moe
+from mopeq.model.loading import LoadedModel, load_model  # noqa: E402
+from mopeq.sensitivity.measured import measured_cost  # noqa: E402
+from mopeq.sensitivity.profile import (  # noqa: E402
+    ProfileConfig,
+    calibration,  # noqa: E402
+    profile,
+)
 
 FULL_DSV3 = {"moe_layers": 58, "experts": 256}
 

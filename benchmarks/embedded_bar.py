@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 def _image_points(result) -> tuple[np.ndarray, np.ndarray]:
     """Per-image MME points (ordered by image) and each image's category."""
-    from mopeq import stats
-    from mopeq.evaluate import parse_answer
+    from mopeq.evaluation import stats
+    from mopeq.evaluation.evaluate import parse_answer
 
     keys = [(r["category"], str(r["question_id"]), r.get("question", ""), i)
             for i, r in enumerate(result.records)]
@@ -42,7 +42,7 @@ def _image_points(result) -> tuple[np.ndarray, np.ndarray]:
 
 def versus_random(best, randoms) -> dict:
     """Paired interval of ``best - mean(randoms)`` (total score) over the same images."""
-    from mopeq import stats
+    from mopeq.evaluation import stats
 
     b, strata = _image_points(best)
     r = np.mean([_image_points(x)[0] for x in randoms], axis=0)
@@ -60,8 +60,8 @@ def _ci(interval) -> str:
 
 def uniform_rows(loaded, layout, base, args) -> None:
     """Print the uniform-bits table (part 1)."""
-    from mopeq.evaluate import compare, run_evaluation
-    from mopeq.quantize import QuantConfig, quantize
+    from mopeq.evaluation.evaluate import compare, run_evaluation
+    from mopeq.quantize.autoround import QuantConfig, quantize
 
     maximum = 200.0 * len(base.per_category)
     cats = list(base.per_category)
@@ -89,10 +89,10 @@ def uniform_rows(loaded, layout, base, args) -> None:
 
 def allocation_rows(loaded, layout, base, args) -> None:
     """Print the allocation-vs-random table (part 2)."""
-    from mopeq import pipeline
-    from mopeq.allocate import AllocConfig
-    from mopeq.quantize import QuantConfig
-    from mopeq.sensitivity import ProfileConfig
+    from mopeq.allocation.allocate import AllocConfig
+    from mopeq.quantize.autoround import QuantConfig
+    from mopeq.sensitivity.profile import ProfileConfig
+    from mopeq.workflow import pipeline
 
     qconf = QuantConfig(group_size=128, base_bits=16)
     scores = pipeline.sensitivity(loaded, layout, args.method, ProfileConfig())
@@ -133,9 +133,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from mopeq.evaluate import run_evaluation
-    from mopeq.models import load_model
-    from mopeq.moe import discover
+    from mopeq.evaluation.evaluate import run_evaluation
+    from mopeq.model.loading import load_model
+    from mopeq.model.moe import discover
 
     loaded = load_model(args.model)
     layout = discover(loaded.model)

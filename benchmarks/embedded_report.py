@@ -68,8 +68,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from mopeq.evaluate import run_evaluation
-    from mopeq.models import EMBEDDED_DIR, load_model
+    from mopeq.evaluation.evaluate import run_evaluation
+    from mopeq.model.loading import EMBEDDED_DIR, load_model
 
     loaded = load_model(args.model)
     result = run_evaluation(loaded, "synthetic", pairs=args.pairs)

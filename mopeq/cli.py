@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mopeq import methods
+from mopeq.core import methods
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
 
@@ -22,7 +22,7 @@ def _print_json(obj) -> None:
 
 
 def _load(args):
-    from mopeq.models import load_model
+    from mopeq.model.loading import load_model
 
     return load_model(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
 
@@ -52,7 +52,7 @@ def cmd_train_tiny(args) -> int:
     """Train the embedded tiny VLM from its recipe."""
     import torch
 
-    from mopeq import tiny
+    from mopeq.embedded import tiny
 
     out = Path(args.out).resolve()
     assets = (Path(__file__).resolve().parent.parent / "assets").resolve()
@@ -75,7 +75,7 @@ def cmd_train_tiny(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Quick MME(-style) evaluation of a model."""
-    from mopeq.evaluate import run_evaluation
+    from mopeq.evaluation.evaluate import run_evaluation
 
     result = run_evaluation(_load(args), args.dataset, pairs=args.pairs, seed=args.seed)
     out = result.to_json()
@@ -92,13 +92,13 @@ def cmd_evaluate(args) -> int:
 
 def _layout(args):
     """Layout of ``--model``: from the weights, or from a config-only folder (meta device)."""
-    from mopeq.moe import discover, layout_from_config
+    from mopeq.model.moe import discover, layout_from_config
 
     path = Path(args.model)
     if path.is_dir() and (path / "config.json").exists() and not any(path.glob("*.safetensors")):
         from transformers import AutoConfig
 
-        from mopeq.models import native_arch
+        from mopeq.model.loading import native_arch
 
         native = native_arch(json.loads((path / "config.json").read_text()))
         if native is not None and hasattr(native, "meta_model"):  # e.g. MolmoE, from its config
@@ -129,7 +129,7 @@ def _read_json(path: str) -> dict:
 
 
 def _read_scores(path: str):
-    from mopeq.sensitivity import Scores
+    from mopeq.sensitivity.profile import Scores
 
     d = _read_json(path)
     if "scores" in d:
@@ -138,7 +138,7 @@ def _read_scores(path: str):
 
 
 def _read_bitmap(path: str):
-    from mopeq.allocate import BitMap
+    from mopeq.allocation.allocate import BitMap
 
     d = _read_json(path)
     if "bits" not in d:
@@ -148,8 +148,8 @@ def _read_bitmap(path: str):
 
 def cmd_profile(args) -> int:
     """Per-expert sensitivity scores."""
-    from mopeq.pipeline import CalibConfig, sensitivity
-    from mopeq.sensitivity import ProfileConfig
+    from mopeq.sensitivity.profile import ProfileConfig
+    from mopeq.workflow.pipeline import CalibConfig, sensitivity
 
     loaded, layout = _layout(args)
     if loaded is None:
@@ -182,8 +182,8 @@ def _print_grid(title: str, grid) -> None:
 
 
 def _alloc_config(args):
-    from mopeq.allocate import AllocConfig
-    from mopeq.memory import MemoryConfig
+    from mopeq.allocation.allocate import AllocConfig
+    from mopeq.core.memory import MemoryConfig
 
     return AllocConfig(method=args.method, clusters=args.clusters, bits=args.bits,
                        scope=args.scope, log_scores=args.log_scores,
@@ -194,7 +194,7 @@ def _alloc_config(args):
 
 def cmd_allocate(args) -> int:
     """Bits per expert from a scores file."""
-    from mopeq.pipeline import allocation, errors_for
+    from mopeq.workflow.pipeline import allocation, errors_for
 
     scores = _read_scores(args.scores)
     loaded, layout = _layout(args)
@@ -222,7 +222,7 @@ def cmd_allocate(args) -> int:
 
 def cmd_memory(args) -> int:
     """Memory estimate of a bit map on a model (a config-only folder is enough)."""
-    from mopeq.memory import MemoryConfig, estimate
+    from mopeq.core.memory import MemoryConfig, estimate
 
     _, layout = _layout(args)
     bitmap = _read_bitmap(args.bitmap)
@@ -243,9 +243,9 @@ def cmd_memory(args) -> int:
 
 def cmd_quantize(args) -> int:
     """Quantize with a bit map and export checkpoint + recipe + snippets."""
-    from mopeq.memory import MemoryConfig, estimate
-    from mopeq.pipeline import calibration_texts
-    from mopeq.quantize import QuantConfig, export, quantize
+    from mopeq.core.memory import MemoryConfig, estimate
+    from mopeq.quantize.autoround import QuantConfig, export, quantize
+    from mopeq.workflow.pipeline import calibration_texts
 
     loaded, layout = _layout(args)
     if loaded is None:
@@ -274,7 +274,7 @@ def cmd_quantize(args) -> int:
 
 def cmd_study(args) -> int:
     """The comparison study: MoPEQ vs baselines vs the peer on one model and subset."""
-    from mopeq.study import run_study
+    from mopeq.workflow.study import run_study
 
     loaded = _load(args)
     table = run_study(loaded, pairs=args.pairs, seed=args.seed, out_dir=args.out,
@@ -282,7 +282,7 @@ def cmd_study(args) -> int:
                       on_progress=_stderr_progress)
     print(table)
     if not args.no_report:  # the study carries the sensitivity-quality table too
-        from mopeq.sens_report import ReportConfig, sensitivity_report, write_report
+        from mopeq.sensitivity.report import ReportConfig, sensitivity_report, write_report
 
         report = sensitivity_report(loaded, ReportConfig(group_size=args.group_size,
                                                          pairs=args.pairs),
@@ -293,7 +293,7 @@ def cmd_study(args) -> int:
 
 def cmd_sensitivity_report(args) -> int:
     """Every sensitivity method against the measured ground truth (markdown + JSON)."""
-    from mopeq.sens_report import ReportConfig, markdown, sensitivity_report, write_report
+    from mopeq.sensitivity.report import ReportConfig, markdown, sensitivity_report, write_report
 
     config = ReportConfig(methods=args.methods, targets=args.targets, group_size=args.group_size,
                           n_batches=args.n_batches, batch_size=args.batch_size, pairs=args.pairs)
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mopeq {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from mopeq.models import is_remote_code_error, remote_code_failure
+        from mopeq.model.loading import is_remote_code_error, remote_code_failure
 
         if args.debug or not is_remote_code_error(exc):
             raise

@@ -83,10 +83,10 @@ def build_tokenizer():
 
 def new_model(structure: str, seed: int = 0):
     """A random-weight model and processor of the named structure (float32)."""
-    from mopeq.archs.deepseek_vl2.config import DeepseekVL2Config
-    from mopeq.archs.deepseek_vl2.loading import init_buffers
-    from mopeq.archs.deepseek_vl2.model import DeepseekVL2ForCausalLM
-    from mopeq.archs.deepseek_vl2.processing import DeepseekVL2Processor
+    from mopeq.model.archs.deepseek_vl2.config import DeepseekVL2Config
+    from mopeq.model.archs.deepseek_vl2.loading import init_buffers
+    from mopeq.model.archs.deepseek_vl2.model import DeepseekVL2ForCausalLM
+    from mopeq.model.archs.deepseek_vl2.processing import DeepseekVL2Processor
 
     torch.manual_seed(seed)
     model = DeepseekVL2ForCausalLM(DeepseekVL2Config(hub_config(structure))).eval()
@@ -106,7 +106,7 @@ def new_model(structure: str, seed: int = 0):
 
 def write_checkpoint(structure: str, folder: str | Path, seed: int = 0) -> Path:
     """Write a hub-layout folder (bf16 weights) of the named structure."""
-    from mopeq.archs.deepseek_vl2.loading import save_hub_layout
+    from mopeq.model.archs.deepseek_vl2.loading import save_hub_layout
 
     model, processor = new_model(structure, seed)
     return save_hub_layout(model, processor, folder)

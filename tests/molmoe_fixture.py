@@ -77,7 +77,7 @@ def tokenizer():
 
 
 def hub_tensors(config: dict, n_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors under the authors' names and shapes (see ``mopeq.archs.molmoe_weights``)."""
+    """Random tensors under the authors' names and shapes (see ``model.archs.molmoe_weights``)."""
     g = torch.Generator().manual_seed(seed)
     d, e = config["d_model"], config["moe_num_experts"]
     inter = (config["mlp_hidden_size"] or config["mlp_ratio"] * d) // 2

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mopeq.allocate import (
+from mopeq.allocation.allocate import (
     AllocConfig,
     BitMap,
     allocate,
@@ -19,8 +19,8 @@ from mopeq.allocate import (
     solve_mckp,
     spread,
 )
-from mopeq.memory import MemoryConfig, estimate
-from mopeq.moe import discover
+from mopeq.core.memory import MemoryConfig, estimate
+from mopeq.model.moe import discover
 from tests.helpers import list_moe_from_fused, tiny_lm
 from tests.test_memory import synthetic_layout
 
@@ -466,7 +466,7 @@ def test_quant_errors_are_cached_by_fingerprint(olmoe, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("recomputed despite a cache entry")
 
-    from mopeq import qerror
+    from mopeq.allocation import qerror
 
     monkeypatch.setattr(qerror, "_compute_errors", boom)
     np.testing.assert_array_equal(

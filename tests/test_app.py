@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mopeq import app_state as st
-from mopeq import synthetic
+from mopeq.app import state as st
+from mopeq.embedded import synthetic
 
 REPO = Path(__file__).resolve().parent.parent
 ASSET = REPO / "assets" / "tiny-moe-vlm"
@@ -35,7 +35,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def standin_dir(tmp_path_factory) -> Path:
     """A random-weight model of the embedded recipe (built once per test session)."""
-    from mopeq import tiny
+    from mopeq.embedded import tiny
 
     folder = tmp_path_factory.mktemp("tiny-moe-vlm-standin")
     model, processor = tiny.new_model(tiny.TinyRecipe())
@@ -249,7 +249,8 @@ def test_import_is_light():
 
 
 def test_method_names_match_the_library():
-    from mopeq import allocate, sensitivity
+    from mopeq.allocation import allocate
+    from mopeq.sensitivity import profile as sensitivity
 
     assert st.SCORE_METHODS == sensitivity.METHODS
     assert st.ALLOC_METHODS == allocate.METHODS
@@ -361,13 +362,13 @@ def test_runs_scatter_points_group_by_method_and_scores():
     assert [p["method"] for p in points] == ["kmeans · hessian", "uniform", "baseline",
                                              "baseline"]
     assert [p["score"] for p in points if p.get("baseline")] == [98.0, 100.0]
-    from mopeq import plots
+    from mopeq.app import figures as plots
 
     assert len(plots.tradeoff_scatter(points).data) == 3
 
 
 def test_sensitivity_quality_panel_ranks_methods_against_measured(embedded_model):
-    from mopeq.sens_report import ReportConfig
+    from mopeq.sensitivity.report import ReportConfig
 
     entry = st.ModelCache().get("embedded")
     config = ReportConfig(methods=("frequency", "block_error"), n_batches=1, batch_size=4,

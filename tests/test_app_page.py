@@ -13,9 +13,9 @@ import gradio as gr
 import numpy as np
 import pytest
 
-from mopeq import app_state as st
-from mopeq import app_view as view
-from mopeq.app_api import profile_text, run_text
+from mopeq.app import state as st
+from mopeq.app import view
+from mopeq.app.api import profile_text, run_text
 from tests.test_app import embedded_model, standin_dir  # noqa: F401 - fixtures
 
 SKIP = gr.skip()
@@ -163,7 +163,7 @@ def test_frequency_allocation_judges_by_a_sensitivity(page):
     assert "frobenius" in pareto.layout.title.text
     frobenius = state.scores["frobenius"]
     errs = st.errors(st.ModelCache.key("embedded") and h.models.get("embedded"), (2, 3, 4), 128)
-    from mopeq.allocate import predicted_loss
+    from mopeq.allocation.allocate import predicted_loss
 
     expected = predicted_loss(state.allocation.bitmap, frobenius, errs, (2, 3, 4))
     assert state.allocation.current["predicted_loss"] == pytest.approx(expected)
@@ -202,7 +202,7 @@ def test_runs_are_kept_for_the_browser_and_restored(page):
              "baseline_score": 950.0, "kl": 0.01, "ratio_vs_bf16": 3.0,
              "deployable_fused": False}]
     state.runs.extend(runs)
-    from mopeq import app_page
+    from mopeq.app import page as app_page
 
     saved = json.loads(json.dumps(app_page.saved_runs(state, "abc")))  # what the browser keeps
     fresh = st.SessionState()
@@ -212,9 +212,9 @@ def test_runs_are_kept_for_the_browser_and_restored(page):
 
 
 def test_tuned_runs_pass_their_seed_to_auto_round():
-    from mopeq import tiny
-    from mopeq.moe import discover
-    from mopeq.quantize import QuantConfig, _autoround, layer_config, quant_root
+    from mopeq.embedded import tiny
+    from mopeq.model.moe import discover
+    from mopeq.quantize.autoround import QuantConfig, _autoround, layer_config, quant_root
 
     model, processor = tiny.new_model(tiny.TinyRecipe(hidden_size=64, expert_ffn=64))
     layout = discover(model)

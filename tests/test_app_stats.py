@@ -4,11 +4,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from mopeq import app_state as st
-from mopeq import plots
-from mopeq.app_api import run_text, significance_text
-from mopeq.evaluate import compare, score_mme
-from mopeq.pipeline import interval_fields
+from mopeq.app import figures as plots
+from mopeq.app import state as st
+from mopeq.app.api import run_text, significance_text
+from mopeq.evaluation.evaluate import compare, score_mme
+from mopeq.workflow.pipeline import interval_fields
 
 
 def _records(right, category):

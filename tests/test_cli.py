@@ -22,7 +22,7 @@ def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("m") / "deepseek"
     model = tiny_model("deepseek_v2")
     model.save_pretrained(path)
-    from mopeq.tiny import build_tokenizer
+    from mopeq.embedded.tiny import build_tokenizer
 
     build_tokenizer().save_pretrained(path)  # auto-round wants the model's tokenizer
     return model, path

@@ -8,12 +8,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mopeq.archs.deepseek_vl2 import load
-from mopeq.archs.deepseek_vl2.loading import hub_to_model, model_to_hub
-from mopeq.archs.deepseek_vl2.processing import image_token_count, select_best_resolution
-from mopeq.archs.deepseek_vl2.vision import Projector
-from mopeq.models import load_model
-from mopeq.moe import discover
+from mopeq.model.archs.deepseek_vl2 import load
+from mopeq.model.archs.deepseek_vl2.loading import hub_to_model, model_to_hub
+from mopeq.model.archs.deepseek_vl2.processing import image_token_count, select_best_resolution
+from mopeq.model.archs.deepseek_vl2.vision import Projector
+from mopeq.model.loading import load_model
+from mopeq.model.moe import discover
 from tests.dsvl2_helpers import hub_config, new_model, write_checkpoint
 
 STRUCTURES = ("tiny", "small", "base")
@@ -183,7 +183,7 @@ def test_projector_concatenates_2x2_neighbourhoods_in_unfold_order():
 
 
 def test_layout_counts_vision_and_keeps_it_16bit(folders):
-    from mopeq.quantize import QuantConfig, layer_config
+    from mopeq.quantize.autoround import QuantConfig, layer_config
 
     model, _ = load(folders["base"])
     layout = discover(model)
@@ -199,7 +199,7 @@ def test_layout_counts_vision_and_keeps_it_16bit(folders):
 
 
 def test_gradient_reaches_the_experts(folders):
-    from mopeq.calibration import batch_loss, calibration_batches, expert_grad_mode
+    from mopeq.sensitivity.calibration import batch_loss, calibration_batches, expert_grad_mode
 
     loaded = load_model(str(folders["small"]))
     data = calibration_batches(loaded, n_batches=1, batch_size=2)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mopeq.cli import main
-from mopeq.models import load_model
+from mopeq.model.loading import load_model
 from tests.dsvl2_helpers import write_checkpoint
 
 METHODS = ("frobenius", "hessian", "fisher", "frequency")
@@ -70,7 +70,7 @@ def test_every_stage_on_a_hub_layout_folder(tmp_path, capsys, structure):
 
 
 def test_generation_through_evaluate(tmp_path):
-    from mopeq.evaluate import adapter_for, run_evaluation
+    from mopeq.evaluation.evaluate import adapter_for, run_evaluation
 
     loaded = load_model(str(write_checkpoint("small", tmp_path / "hub")))
     adapter = adapter_for(loaded)

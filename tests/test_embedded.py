@@ -17,11 +17,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mopeq import synthetic
-from mopeq.evaluate import compare, run_evaluation
-from mopeq.models import EMBEDDED_DIR, load_model
-from mopeq.moe import discover
-from mopeq.quantize import QuantConfig, quantize
+from mopeq.embedded import synthetic
+from mopeq.evaluation.evaluate import compare, run_evaluation
+from mopeq.model.loading import EMBEDDED_DIR, load_model
+from mopeq.model.moe import discover
+from mopeq.quantize.autoround import QuantConfig, quantize
 
 PAIRS = 40 * len(synthetic.CATEGORIES)
 MAXIMUM = 200.0 * len(synthetic.CATEGORIES)

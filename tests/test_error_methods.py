@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mopeq import calibration as C
-from mopeq import methods, moe
-from mopeq.allocate import AllocConfig, allocate, predicted_loss
-from mopeq.estimators import ESTIMATORS, NoExpertGradient
-from mopeq.measured import CostTooHigh, measured_cost
-from mopeq.qerror import rtn
-from mopeq.sensitivity import METHODS, ProfileConfig, Scores, profile
+from mopeq.allocation.allocate import AllocConfig, allocate, predicted_loss
+from mopeq.allocation.qerror import rtn
+from mopeq.core import methods
+from mopeq.model import moe
+from mopeq.sensitivity import calibration as C
+from mopeq.sensitivity.estimators import ESTIMATORS, NoExpertGradient
+from mopeq.sensitivity.measured import CostTooHigh, measured_cost
+from mopeq.sensitivity.profile import METHODS, ProfileConfig, Scores, profile
 from tests.helpers import ListMoE, list_moe_from_fused, tiny_lm, tiny_model
 
 G = 32  # group size that divides every tiny expert dimension
@@ -70,7 +71,7 @@ def olmoe():
 
 
 def test_one_method_table_everywhere():
-    from mopeq import app_state
+    from mopeq.app import state as app_state
     from mopeq.cli import build_parser
 
     assert METHODS == methods.NAMES == tuple(ESTIMATORS) == app_state.SCORE_METHODS

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mopeq import evaluate as ev
-from mopeq import mme_data, synthetic, tiny
-from mopeq.evaluate import (
+from mopeq.embedded import synthetic, tiny
+from mopeq.evaluation import evaluate as ev
+from mopeq.evaluation import mme_data
+from mopeq.evaluation.evaluate import (
     PROMPT_SUFFIX,
     EvalResult,
     HFVLMAdapter,
@@ -26,7 +27,7 @@ from mopeq.evaluate import (
     run_evaluation,
     score_mme,
 )
-from mopeq.models import LoadedModel
+from mopeq.model.loading import LoadedModel
 
 # --------------------------------------------------------------------------- parsing
 

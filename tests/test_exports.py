@@ -7,11 +7,11 @@ import pytest
 import torch
 import transformers as T
 
-from mopeq import tiny
-from mopeq.memory import MemoryConfig, estimate
-from mopeq.moe import discover
-from mopeq.quantize import QuantConfig, export, layer_config, quantize
-from mopeq.snippets import PER_EXPERT_NOTE, PER_LAYER_NOTE, gptq_snippet
+from mopeq.core.memory import MemoryConfig, estimate
+from mopeq.embedded import tiny
+from mopeq.model.moe import discover
+from mopeq.quantize.autoround import QuantConfig, export, layer_config, quantize
+from mopeq.quantize.snippets import PER_EXPERT_NOTE, PER_LAYER_NOTE, gptq_snippet
 from tests.helpers import CONFIGS, tiny_lm
 
 CFG = QuantConfig(group_size=32)
@@ -120,11 +120,11 @@ def test_one_export_is_one_run_every_file_named_after_it(olmoe, tmp_path):
 
     import pandas as pd
 
-    from mopeq import app_state as st
-    from mopeq import pipeline
-    from mopeq.allocate import AllocConfig
-    from mopeq.models import LoadedModel
-    from mopeq.sensitivity import ProfileConfig, profile
+    from mopeq.allocation.allocate import AllocConfig
+    from mopeq.app import state as st
+    from mopeq.model.loading import LoadedModel
+    from mopeq.sensitivity.profile import ProfileConfig, profile
+    from mopeq.workflow import pipeline
 
     model, layout = olmoe
     entry = st.ModelEntry(LoadedModel(model, tiny.build_tokenizer(), "0", "t", "causal_lm"),

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mopeq.memory import (
+from mopeq.core.memory import (
     BREAKDOWN,
     LayoutArrays,
     MemoryConfig,
@@ -15,7 +15,7 @@ from mopeq.memory import (
     quantizable,
     storage_bits,
 )
-from mopeq.moe import ExpertInfo, MoEBlock, MoELayout, TensorInfo, discover
+from mopeq.model.moe import ExpertInfo, MoEBlock, MoELayout, TensorInfo, discover
 from tests.helpers import tiny_lm
 
 EXTRA_TENSORS = (
@@ -209,7 +209,7 @@ def test_to_json_is_json_ready():
 def test_deepseek_v3_scale_numbers():
     import transformers as T
 
-    from mopeq.moe import layout_from_config
+    from mopeq.model.moe import layout_from_config
 
     cfg = T.DeepseekV3Config(hidden_size=7168, moe_intermediate_size=2048,
                              intermediate_size=18432, n_routed_experts=256, n_shared_experts=1,

@@ -1,7 +1,7 @@
 """The one method table: every front end reads it, and its recommendation is a real method."""
 
-from mopeq import methods
 from mopeq.cli import build_parser
+from mopeq.core import methods
 
 
 def _choices(command: str, option: str) -> tuple:

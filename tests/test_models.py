@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mopeq.models import ModelLoadError, fingerprint_dir, fingerprint_model, load_model
-from mopeq.moe import discover
+from mopeq.model.loading import ModelLoadError, fingerprint_dir, fingerprint_model, load_model
+from mopeq.model.moe import discover
 from tests.helpers import tiny_model
 
 
@@ -59,7 +59,7 @@ def test_remote_code_needs_explicit_opt_in(saved_lm):
 def test_tiny_vlm_round_trips_through_a_folder(tmp_path):
     import torch
 
-    from mopeq import tiny
+    from mopeq.embedded import tiny
 
     model, processor = tiny.new_model(tiny.TinyRecipe(hidden_size=64, expert_ffn=64))
     tiny.save(model, processor, tmp_path / "vlm")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mopeq.moe import NotMoEError, discover, expert_weights, layout_from_config
+from mopeq.model.moe import NotMoEError, discover, expert_weights, layout_from_config
 from tests.helpers import ALL_CONFIGS, TRANSPOSED_CONFIGS, list_moe_from_fused, tiny_model
 
 EXPECTED = {  # (MoE layers, experts, top-k, shared experts) from the configs in tests/helpers
@@ -109,14 +109,14 @@ def test_layout_from_config_needs_no_weights():
 
 
 def test_layout_round_trips_json():
-    from mopeq.moe import MoELayout
+    from mopeq.model.moe import MoELayout
 
     layout = discover(tiny_model("qwen2_moe"))
     assert MoELayout.loads(layout.dumps()) == layout
 
 
 def test_embedded_olmoe_architecture_is_found():
-    from mopeq import tiny
+    from mopeq.embedded import tiny
 
     model, _ = tiny.new_model(tiny.TinyRecipe(hidden_size=64, expert_ffn=64))
     layout = discover(model)
@@ -128,7 +128,7 @@ def test_embedded_olmoe_architecture_is_found():
 
 
 def test_embedded_deepseek_architecture_is_found():
-    from mopeq import tiny
+    from mopeq.embedded import tiny
 
     model, _ = tiny.new_model(
         tiny.TinyRecipe(hidden_size=64, expert_ffn=64, num_experts=8, language_model="deepseek_v2"))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mopeq.archs.molmoe import MolmoeForConditionalGeneration
-from mopeq.archs.molmoe_processing import CropSettings, image_inputs, select_tiling
-from mopeq.models import load_model
-from mopeq.moe import discover
+from mopeq.model.archs.molmoe import MolmoeForConditionalGeneration
+from mopeq.model.archs.molmoe_processing import CropSettings, image_inputs, select_tiling
+from mopeq.model.loading import load_model
+from mopeq.model.moe import discover
 from tests import molmoe_fixture
 
 
@@ -162,8 +162,8 @@ def test_every_stage_through_the_cli(folder, tmp_path, capsys):
 
 
 def test_vision_stays_16_bit_in_the_estimate_and_the_quantization(loaded):
-    from mopeq.memory import MemoryConfig, estimate
-    from mopeq.quantize import QuantConfig, layer_config, quantize
+    from mopeq.core.memory import MemoryConfig, estimate
+    from mopeq.quantize.autoround import QuantConfig, layer_config, quantize
 
     layout = discover(loaded.model)
     bits = np.full((2, 8), 2)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mopeq.models import ModelLoadError, image_processor_only, load_model
+from mopeq.model.loading import ModelLoadError, image_processor_only, load_model
 from tests import molmoe_fixture
 from tests.helpers import tiny_model
 
@@ -44,7 +44,7 @@ def test_processor_is_built_without_its_video_part(tmp_path, name):
 
 
 def test_calibration_without_an_image_processor_is_an_error(tmp_path):
-    from mopeq.calibration import calibration_batches
+    from mopeq.sensitivity.calibration import calibration_batches
 
     loaded = load_model(str(_vlm_folder(tmp_path, "qwen3_vl_moe", with_image_processor=False)))
     assert loaded.kind == "vlm"
@@ -53,7 +53,7 @@ def test_calibration_without_an_image_processor_is_an_error(tmp_path):
 
 
 def test_a_batch_without_images_is_an_error():
-    from mopeq import calibration
+    from mopeq.sensitivity import calibration
 
     class TextOnly:  # a processor that silently drops images, as a tokenizer does
         image_processor = object()

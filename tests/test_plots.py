@@ -11,7 +11,7 @@ import plotly.io as pio
 import pytest
 from scipy import stats
 
-from mopeq import plots
+from mopeq.app import figures as plots
 
 
 @pytest.fixture

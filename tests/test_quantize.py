@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from mopeq import synthetic, tiny
-from mopeq.evaluate import TinyVLMAdapter, evaluate_samples
-from mopeq.models import fingerprint_model, load_model
-from mopeq.moe import discover
-from mopeq.quantize import QuantConfig, check_bitmap, export, gptq_dynamic, layer_config, quantize
+from mopeq.embedded import synthetic, tiny
+from mopeq.evaluation.evaluate import TinyVLMAdapter, evaluate_samples
+from mopeq.model.loading import fingerprint_model, load_model
+from mopeq.model.moe import discover
+from mopeq.quantize.autoround import (
+    QuantConfig,
+    check_bitmap,
+    export,
+    gptq_dynamic,
+    layer_config,
+    quantize,
+)
 from tests.helpers import list_moe_from_fused, tiny_lm
 
 CFG = QuantConfig(group_size=32)
@@ -152,7 +159,7 @@ def test_memory_estimate_matches_exported_checkpoint(quantized_vlm, tiny_vlm, tm
     """The estimate of the quantized linears equals their packed size on disk within 1 %."""
     from safetensors import safe_open
 
-    from mopeq.memory import MemoryConfig, estimate
+    from mopeq.core.memory import MemoryConfig, estimate
 
     _, processor, layout = tiny_vlm
     result, bits = quantized_vlm
@@ -178,7 +185,7 @@ def test_memory_estimate_matches_exported_checkpoint(quantized_vlm, tiny_vlm, tm
 
 
 def _quantized_bits(layout, cfg):
-    from mopeq.memory import storage_bits
+    from mopeq.core.memory import storage_bits
 
     shapes = {e.modules[p].removeprefix("language_model."): e.shapes[p]
               for e in layout.experts for p in e.shapes}
@@ -190,9 +197,9 @@ def _quantized_bits(layout, cfg):
 
 def test_autoscheme_peer_meets_the_average_bits(tiny_vlm):
     """auto-round's AutoScheme, offline, on local calibration texts, at an expert average."""
-    from mopeq.models import LoadedModel
-    from mopeq.pipeline import calibration_texts
-    from mopeq.quantize import autoscheme
+    from mopeq.model.loading import LoadedModel
+    from mopeq.quantize.autoround import autoscheme
+    from mopeq.workflow.pipeline import calibration_texts
 
     model, processor, layout = tiny_vlm
     loaded = LoadedModel(model, processor, "f", "t", "tiny_vlm")

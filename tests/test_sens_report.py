@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from mopeq import methods
-from mopeq.models import LoadedModel
-from mopeq.sens_report import (
+from mopeq.core import methods
+from mopeq.model.loading import LoadedModel
+from mopeq.sensitivity.report import (
     ReportConfig,
     bootstrap_spearman,
     markdown,

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 
-from mopeq import calibration as C
-from mopeq import moe, tiny
-from mopeq.moe import PROJECTIONS, expert_weights
-from mopeq.sensitivity import ProfileConfig, Scores, profile
+from mopeq.embedded import tiny
+from mopeq.model import moe
+from mopeq.model.moe import PROJECTIONS, expert_weights
+from mopeq.sensitivity import calibration as C
+from mopeq.sensitivity.profile import ProfileConfig, Scores, profile
 from tests.helpers import list_moe_from_fused, tiny_lm
 
 NOCACHE = dict(use_cache=False)
@@ -187,7 +188,7 @@ def test_hessian_within_stderr_of_brute_force(micro, loss):
 
 
 def test_transposed_fused_layout():
-    from mopeq import estimators
+    from mopeq.sensitivity import estimators
 
     model = micro_llama4()
     layout, data = moe.discover(model), random_data(32)
@@ -396,7 +397,7 @@ def test_cache_hit_miss_and_corrupt_files(micro, tmp_path, monkeypatch):
 
 
 def test_loaded_model_fingerprint_keys_the_cache(micro, tmp_path, monkeypatch):
-    from mopeq.models import LoadedModel, fingerprint_model
+    from mopeq.model.loading import LoadedModel, fingerprint_model
 
     monkeypatch.setenv("MOPEQ_CACHE_DIR", str(tmp_path))
     model, layout, _ = micro

@@ -5,8 +5,8 @@ import time
 import numpy as np
 import pytest
 
-from mopeq import stats
-from mopeq.evaluate import compare, score_mme
+from mopeq.evaluation import stats
+from mopeq.evaluation.evaluate import compare, score_mme
 
 # a category's true score when each question is right with probability p, independently
 TRUE_ACC = {"color": 0.6, "count": 0.75, "existence": 0.85, "position": 0.7}

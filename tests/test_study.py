@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mopeq import study
-from mopeq.memory import MemoryConfig
+from mopeq.core.memory import MemoryConfig
+from mopeq.workflow import study
 
 
 class _S:
@@ -45,8 +45,8 @@ def test_random_rows_are_summarised_as_mean_and_spread():
 
 @pytest.mark.slow
 def test_small_study_end_to_end(tmp_path):
-    from mopeq import tiny
-    from mopeq.models import LoadedModel, fingerprint_model
+    from mopeq.embedded import tiny
+    from mopeq.model.loading import LoadedModel, fingerprint_model
 
     model, processor = tiny.new_model(tiny.TinyRecipe(hidden_size=64, expert_ffn=64))
     loaded = LoadedModel(model, processor, fingerprint_model(model), "random", "tiny_vlm")

@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from mopeq import synthetic
-from mopeq.synthetic import CATEGORIES, COLORS, EVAL_SPLIT, TRAIN_SPLIT, make_sample
+from mopeq.embedded import synthetic
+from mopeq.embedded.synthetic import CATEGORIES, COLORS, EVAL_SPLIT, TRAIN_SPLIT, make_sample
 
 N = 12  # images per category in these tests
 

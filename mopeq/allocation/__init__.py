@@ -1,0 +1,1 @@
+"""Bits per expert: k-means, budget (knapsack), baselines, quantization errors."""

@@ -1,0 +1,1 @@
+"""The Gradio page: state, handlers, API endpoints, figures."""

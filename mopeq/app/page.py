@@ -1,0 +1,104 @@
+"""The page's live outputs: build only what changed, in one size unit, and say what applies.
+
+``app.py`` wires events; this module builds their outputs. A live event (a slider, a bit set)
+re-sends only the outputs whose content changed (``gr.skip()`` for the rest, tracked by the
+session's ``app_view.Drawn``): the browser redraws one or two figures instead of six, which is
+most of the time between a slider move and the redraw.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+
+from mopeq.app import state as st
+from mopeq.app import view
+from mopeq.app.api import deploy_badge, memory_text
+
+
+def unit(entry: st.ModelEntry) -> str:
+    """The size unit of every view of ``entry``'s model (by its bf16 size)."""
+    return view.unit_for(sum(st.bf16_breakdown(entry).values()))
+
+
+def _send(state: st.SessionState, name: str, key: str, build):
+    """``build()`` when ``name`` would show something new, else ``gr.skip()``."""
+    return build() if state.drawn.changed(name, key) else gr.skip()
+
+
+def alloc_outputs(w: SimpleNamespace, state: st.SessionState, entry: st.ModelEntry,
+                  alloc, score, judge, settings: st.AllocSettings) -> dict:
+    """The allocation panel's outputs (bits map, clusters, memory, badge, breakdown, Pareto)."""
+    from mopeq.app import figures as plots
+
+    labels, u = entry.layout.moe_layers, unit(entry)
+    bits = alloc.bitmap.bits
+    text = (memory_text(alloc) + f"\n\nBits allocated by **{score.method}** scores"
+            + view.budget_note(settings.method, settings.target_bits, settings.bits))
+    table = st.clusters_table(alloc, score)
+    badge = deploy_badge(alloc.bitmap)
+    breakdown = alloc.memory.breakdown
+    fp = view.fingerprint
+    return {
+        w.memory_md: _send(state, "memory_md", text, lambda: text),
+        w.deploy_md: _send(state, "deploy_md", badge, lambda: badge),
+        w.bits_plot: _send(state, "bits_plot", fp(bits, labels, score.scores), lambda: (
+            plots.bits_heatmap(bits, layer_labels=labels, scores=score.scores))),
+        w.clusters_df: _send(state, "clusters_df", fp(table.to_json()),
+                             lambda: view.readable(table)),
+        w.memory_plot: _send(state, "memory_plot", fp(sorted(breakdown.items()), u), lambda: (
+            plots.memory_breakdown(breakdown, reference=st.bf16_breakdown(entry), unit=u))),
+        w.pareto_plot: _send(state, "pareto_plot", fp(alloc.pareto, alloc.current, u,
+                                                      judge.method), lambda: (
+            plots.pareto_curve(alloc.pareto, current=alloc.current, unit=u,
+                               score_name=judge.method) if alloc.pareto else None)),
+    }
+
+
+def heatmap_output(state: st.SessionState, key: tuple, build):
+    """The heatmap, or ``gr.skip()`` when the same view is on screen."""
+    return _send(state, "heatmap", view.fingerprint(*key), build)
+
+
+def runs_outputs(w: SimpleNamespace, state: st.SessionState, unit_: str, y: str,
+                 bf16_gb: float) -> dict:
+    """The runs scatter and table from the session's runs (empty views without runs)."""
+    from mopeq.app import figures as plots
+
+    if not state.runs:
+        return {w.tradeoff_plot: None, w.runs_df: None}
+    points = st.tradeoff_points(state.runs, bf16_gb)
+    return {w.tradeoff_plot: plots.tradeoff_scatter(points, unit=unit_, y=y),
+            w.runs_df: view.readable_runs(st.runs_table(state.runs), unit_)}
+
+
+def restore_runs(state: st.SessionState, saved, fingerprint: str) -> bool:
+    """Put runs kept in the browser back into a fresh session (same model only)."""
+    if state.runs or not isinstance(saved, dict) or saved.get("model") != fingerprint:
+        return False
+    runs = [r for r in saved.get("runs", []) if isinstance(r, dict) and "label" in r]
+    state.runs.extend(runs)
+    return bool(runs)
+
+
+def saved_runs(state: st.SessionState, fingerprint: str) -> dict:
+    """What the browser keeps across reloads: the model's fingerprint and its runs."""
+    return {"model": fingerprint, "runs": state.runs}
+
+
+def controls(names: dict[str, bool], w: SimpleNamespace) -> dict:
+    """``gr.update(visible=...)`` for each named control."""
+    return {getattr(w, n): gr.update(visible=shown) for n, shown in names.items()}
+
+
+def quantize_queue(demo: gr.Blocks, concurrency_id: str = "quantize") -> int | None:
+    """Quantizations running or waiting in gradio's queue (None if it cannot be read).
+
+    Reads gradio's queue (pinned ``gradio<7``); the page shows the number to a user who waits.
+    """
+    try:
+        q = demo._queue.event_queue_per_concurrency_id.get(concurrency_id)
+        return 0 if q is None else len(q.queue) + int(q.current_concurrency)
+    except AttributeError:
+        return None

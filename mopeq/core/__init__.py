@@ -1,0 +1,1 @@
+"""Torch-free foundations: the method table, memory accounting, the cache."""

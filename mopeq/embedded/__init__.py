@@ -1,0 +1,1 @@
+"""The embedded tiny MoE VLM and its procedural MME-style benchmark."""

@@ -1,0 +1,1 @@
+"""MME-style evaluation: data sources, scoring, adapters, statistics."""

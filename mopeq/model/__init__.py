@@ -1,0 +1,1 @@
+"""Loading models, discovering their MoE layout, the native architectures."""

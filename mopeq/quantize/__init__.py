@@ -1,0 +1,1 @@
+"""Quantization with auto-round and the exported deployment files."""

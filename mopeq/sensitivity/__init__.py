@@ -1,0 +1,1 @@
+"""Per-expert sensitivity: profile, estimators, calibration data, the quality report."""

@@ -1,0 +1,1 @@
+"""Orchestration of the stages for the app, the CLI and the study."""
