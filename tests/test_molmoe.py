@@ -181,3 +181,28 @@ def test_vision_stays_16_bit_in_the_estimate_and_the_quantization(loaded):
     for n, p in result.model.named_parameters():
         if n.startswith(("vision_tower.", "multi_modal_projector.")):
             torch.testing.assert_close(p, before[n])  # untouched
+
+
+def test_reloading_an_export_leaves_later_olmoe_loads_intact(loaded, tmp_path):
+    """auto-round's loader strips the expert-fusing conversions of ``olmoe`` process-wide."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    from mopeq.quantize import QuantConfig, export, quantize
+
+    def embedded_state():
+        return {k: v.clone() for k, v in load_model("embedded").model.state_dict().items()}
+
+    before = embedded_state()
+    rules = repr(get_checkpoint_conversion_mapping("olmoe"))
+    layout = discover(loaded.model)
+    bits = np.full((2, 8), 4)
+    result = quantize(loaded.model, layout, bits, QuantConfig(group_size=32),
+                      tokenizer=loaded.processor)
+    out = export(result, layout, tmp_path / "q", source="t", fingerprint="0",
+                 bitmap_json={"bits": bits.tolist()}, processor=loaded.processor)
+    assert load_model(str(out)).path == out
+    after = embedded_state()
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed  # the fused experts were left freshly initialised before the fix
+    assert repr(get_checkpoint_conversion_mapping("olmoe")) == rules

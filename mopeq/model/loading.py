@@ -7,6 +7,8 @@ cache of expensive results.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import inspect
 import json
@@ -113,7 +115,47 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str]:
         ) from None
 
 
+@contextlib.contextmanager
+def conversion_mappings_kept():
+    """Undo what a load does to transformers' process-wide checkpoint conversion registry.
+
+    Loading an auto-round checkpoint on transformers 5 runs auto-round's
+    ``disable_moe_conversion_mapping``: it re-registers the model type's conversions (e.g.
+    ``olmoe``) without their ``WeightConverter``s, the rules that fuse per-expert
+    ``gate_proj``/``up_proj``/``down_proj`` weights into ``experts.gate_up_proj`` and
+    ``experts.down_proj``. That registry is global, so every later 16-bit load of the same model
+    type in the process found its fused expert weights "missing" and left them freshly
+    initialised. On exit, entries that existed before are put back as they were (entries added
+    meanwhile stay, e.g. by a model's own code); on a transformers without this registry it does
+    nothing.
+    """
+    try:
+        from transformers import conversion_mapping as cm
+
+        cm.get_checkpoint_conversion_mapping("")  # builds the lazily created registry
+        registry: dict = cm._checkpoint_conversion_mapping_cache
+        user: set = cm.USER_REGISTERED_MAPPINGS
+    except (ImportError, AttributeError):
+        yield
+        return
+    saved = {k: copy.copy(v) for k, v in registry.items()}
+    saved_user = set(user)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if registry.get(key) != value:
+                registry[key] = value
+                if key not in saved_user:
+                    user.discard(key)
+
+
 def _load_dir(path: Path, source: str, trust_remote_code: bool, dtype) -> LoadedModel:
+    with conversion_mappings_kept():
+        return _load_dir_unguarded(path, source, trust_remote_code, dtype)
+
+
+def _load_dir_unguarded(path: Path, source: str, trust_remote_code: bool, dtype) -> LoadedModel:
     config = json.loads((path / "config.json").read_text())
     model_type = config.get("model_type", "")
     from mopeq.embedded import tiny
