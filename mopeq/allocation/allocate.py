@@ -48,6 +48,7 @@ import numpy as np
 from mopeq.allocation.knapsack import DP_MAX_CELLS, DP_MAX_ITEMS, SOLVERS, _hull_steps, solve_mckp
 from mopeq.allocation.loss_model import loss_table, method_errors
 from mopeq.allocation.qerror import quant_errors, rtn
+from mopeq.core import defaults as D
 from mopeq.core.memory import (
     FP_BITS,
     LayoutArrays,
@@ -82,15 +83,15 @@ class AllocConfig:
         solver: budget solver: auto (exact DP when small, else greedy) | dp | greedy.
     """
 
-    method: str = "kmeans"
-    clusters: int = 3
-    bits: tuple[int, ...] = (2, 3, 4)
-    scope: str = "model"
+    method: str = D.ALLOC_METHOD
+    clusters: int = D.CLUSTERS
+    bits: tuple[int, ...] = D.BITS
+    scope: str = D.SCOPE
     log_scores: bool = False
     target_bits: float | None = None
     target_gb: float | None = None
-    uniform_bits: int = 4
-    seed: int = 0
+    uniform_bits: int = D.UNIFORM_BITS
+    seed: int = D.SEED
     n_init: int = 10
     memory: MemoryConfig = MemoryConfig()
     solver: str = "auto"

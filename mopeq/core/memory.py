@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mopeq.core import defaults as D
 from mopeq.model.moe import MoELayout
 
 FP_BITS = 16
@@ -61,9 +62,9 @@ class MemoryConfig:
             zero point per group either way).
     """
 
-    group_size: int = 128
-    base_bits: int = 4
-    sym: bool = True
+    group_size: int = D.GROUP_SIZE
+    base_bits: int = D.BASE_BITS
+    sym: bool = D.SYM
 
     def __post_init__(self):
         if not isinstance(self.group_size, int) or not (self.group_size == -1

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mopeq.core import defaults as D
 from mopeq.core.memory import quantizable, takes_base_bits
 from mopeq.model.moe import PROJECTIONS, STORED_DTYPES_ATTR, MoELayout
 from mopeq.quantize.snippets import (  # noqa: F401 - re-exported: the export's public API
@@ -46,15 +47,15 @@ _AUTOROUND_LOCK = threading.Lock()
 class QuantConfig:
     """How to quantize: mode, group size, symmetry, bits of the non-expert linears."""
 
-    mode: str = "rtn"  # "rtn": data-free round-to-nearest; "tuned": SignRound (iters > 0)
-    group_size: int = 128
-    sym: bool = True
-    base_bits: int = 4  # attention, dense MLP, shared experts (16 = leave them unquantized)
+    mode: str = D.QUANT_MODE  # "rtn": data-free round-to-nearest; "tuned": SignRound (iters > 0)
+    group_size: int = D.GROUP_SIZE
+    sym: bool = D.SYM
+    base_bits: int = D.BASE_BITS  # attention, dense MLP, shared experts (16: unquantized)
     iters: int = 50  # tuned mode only
     nsamples: int = 32  # tuned mode only
     seqlen: int = 32  # tuned mode only
     batch_size: int = 8  # tuned mode only
-    seed: int = 0  # tuned mode: SignRound's sampling of calibration batches (reproducible runs)
+    seed: int = D.SEED  # tuned mode: SignRound's sampling of calibration batches (reproducible)
 
     def __post_init__(self):
         if self.mode not in ("rtn", "tuned"):

@@ -54,6 +54,7 @@ import numpy as np
 from torch import nn
 
 from mopeq.core import cache, methods
+from mopeq.core import defaults as D
 from mopeq.core.memory import bit_set
 from mopeq.model.loading import fingerprint_model
 from mopeq.model.moe import PROJECTIONS, MoELayout
@@ -81,16 +82,16 @@ class ProfileConfig:
     probes: int | None = _used_by("frobenius", "hessian", default=None)  # None: DEFAULT_PROBES
     min_probes: int = _used_by("hessian", default=32)  # no early stop before this many
     tol: float = _used_by("hessian", default=1e-3)  # PyHessian: rel. change of the running mean
-    seed: int = _used_by("frobenius", "hessian", "block_fisher", default=0)
+    seed: int = _used_by("frobenius", "hessian", "block_fisher", default=D.SEED)
     closed_form: bool = _used_by("frobenius", default=False)
     normalize_per_layer: bool = _used_by(*METHODS, default=False)  # S_e / sum of its layer
     loss: str = _used_by("hessian", "fisher", default="ce")
     inactive_policy: str = _used_by("hessian", "fisher", default="layer_mean")
     probes_per_pass: int = _used_by(default=8)  # probes per graph rebuild; results don't depend
     use_cache: bool = _used_by(default=True)
-    bits: tuple[int, ...] = _used_by(*ERROR_METHODS, default=(2, 3, 4))  # candidate widths
-    group_size: int = _used_by(*ERROR_METHODS, default=128)  # RTN as the export uses it
-    sym: bool = _used_by(*ERROR_METHODS, default=True)
+    bits: tuple[int, ...] = _used_by(*ERROR_METHODS, default=D.BITS)  # candidate widths
+    group_size: int = _used_by(*ERROR_METHODS, default=D.GROUP_SIZE)  # RTN as the export uses it
+    sym: bool = _used_by(*ERROR_METHODS, default=D.SYM)
     max_cost_s: float | None = _used_by(default=900.0)  # measured refuses beyond; None: no cap
     fisher_samples: int = _used_by("block_fisher", default=4)  # answers sampled per position
 

@@ -1,0 +1,20 @@
+"""The defaults of a run, written once: every config, the CLI, the page and the API read them.
+
+Changing one here changes it everywhere (``tests/core/test_defaults.py`` checks the readers).
+"""
+
+from __future__ import annotations
+
+BITS: tuple[int, ...] = (2, 3, 4)  # the widths k-means clusters map to (the paper's set)
+CLUSTERS = 3  # k-means clusters (C)
+GROUP_SIZE = 128  # weights per scale group along the input dimension (the paper's)
+SYM = True  # symmetric quantization
+BASE_BITS = 4  # attention, dense MLP, shared experts
+UNIFORM_BITS = 4  # width of the ``uniform`` baseline
+SCOPE = "model"  # one clustering over all experts ("layer": one per MoE layer)
+ALLOC_METHOD = "kmeans"
+SCORE_METHOD = "frobenius"  # the paper's score
+TARGET_BITS = 3.0  # the budget allocator's default target (average expert bits)
+QUANT_MODE = "rtn"  # "tuned": SignRound
+SEED = 0
+QUICK_PAIRS = 50  # the page's and the API's quick MME subset (image pairs); the CLI: all
