@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mopeq.embedded import tiny
 from mopeq.model import moe
 from mopeq.model.loading import EMBEDDED_DIR, load_model  # noqa: E402
-from mopeq.sensitivity.profile import ProfileConfig, calibration, estimators, profile  # noqa: E402  # noqa: E402
+from mopeq.sensitivity import calibration, estimators  # noqa: E402
+from mopeq.sensitivity.profile import ProfileConfig, profile  # noqa: E402
 
 
 def load(which: str):
