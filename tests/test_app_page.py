@@ -280,3 +280,28 @@ def test_tuned_runs_pass_their_seed_to_auto_round():
     cfg = layer_config(layout, bits, config, prefix)
     ar = _autoround(root, processor.tokenizer, cfg, config, ["a calibration text"] * 4)
     assert ar.seed == 7
+
+
+def test_bad_input_is_a_message_and_the_page_keeps_its_state(page):
+    h, v = page.h, page.v
+    before = v["state"].allocation
+    with pytest.raises(gr.Error, match="no bit width"):
+        call(page, h.allocate, bits=[])
+    assert v["state"].allocation is before and before is not None
+
+
+def test_user_errors_read_as_messages_and_bugs_as_unexpected():
+    from mopeq.app.errors import readable_errors
+    from mopeq.core.errors import MopeqError
+
+    def fails(exc):
+        raise exc
+
+    guarded = readable_errors(fails)
+    with pytest.raises(gr.Error) as info:
+        guarded(MopeqError("bad group size"))
+    assert info.value.message == "bad group size"  # the message alone, no traceback
+    with pytest.raises(gr.Error, match="Unexpected KeyError"):
+        guarded(KeyError("x"))
+    with pytest.raises(gr.Error, match="Cancelled"):
+        guarded(st.Cancelled())
