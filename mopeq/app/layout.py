@@ -8,6 +8,7 @@ parameter names are widget names, so the wiring reads each event's inputs from i
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import gradio as gr
@@ -155,16 +156,22 @@ class Page:
     export: ExportPanel
 
     def widgets(self) -> dict[str, gr.components.Component]:
-        """Every widget by its (unique) name, sections flattened."""
+        """Every widget by its (unique) name, sections flattened (a fresh dict)."""
+        return dict(self._by_name)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, gr.components.Component]:
         found = {"state": self.state, "saved_runs": self.saved_runs}
         for section in (getattr(self, s) for s in SECTIONS):
-            found.update({f.name: getattr(section, f.name) for f in fields(section)})
+            named = {f.name: getattr(section, f.name) for f in fields(section)}
+            if set(named) & set(found):
+                raise ValueError(f"widget names used twice: {sorted(set(named) & set(found))}")
+            found.update(named)
         return found
 
     def pick(self, *names: str) -> list:
         """The widgets named ``names``, in that order."""
-        widgets = self.widgets()
-        return [widgets[n] for n in names]
+        return [self._by_name[n] for n in names]
 
 
 # ------------------------------------------------------------------------ sections

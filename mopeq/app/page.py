@@ -122,8 +122,8 @@ def saved_runs(state: st.SessionState, fingerprint: str) -> dict:
 
 def controls(names: dict[str, bool], ui: Page) -> dict:
     """``gr.update(visible=...)`` for each named control."""
-    widgets = ui.widgets()
-    return {widgets[n]: gr.update(visible=shown) for n, shown in names.items()}
+    widgets = ui.pick(*names)
+    return {w: gr.update(visible=shown) for w, shown in zip(widgets, names.values(), strict=True)}
 
 
 def quantize_queue(demo: gr.Blocks, concurrency_id: str = "quantize") -> int | None:
