@@ -1,11 +1,13 @@
 """What the page shows: the handlers' logic, driven in-process on the embedded model.
 
-No server, no browser: the handlers get a dict of widget values like gradio passes them, and
-the tests read the updates they return. ``tests/test_browser.py`` checks the same in Chromium.
+No server, no browser: the handlers get the widget values their parameters name, as gradio
+passes them (the page's defaults unless a test changes one), and the tests read the updates
+they return. ``tests/test_browser.py`` checks the same in Chromium.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from types import SimpleNamespace
 
@@ -13,8 +15,8 @@ import gradio as gr
 import numpy as np
 import pytest
 
+from mopeq.app import controls, view
 from mopeq.app import state as st
-from mopeq.app import view
 from mopeq.app.api import profile_text, run_text
 from tests.test_app import embedded_model, standin_dir  # noqa: F401 - fixtures
 
@@ -28,17 +30,26 @@ def _quiet(*_a, **_k):
 @pytest.fixture(scope="module")
 def page(embedded_model):  # noqa: F811 - the fixture
     """Handlers on a fresh session with the page's default values, after the first load."""
-    import app
+    from mopeq.app.handlers import Handlers
+    from mopeq.app.layout import build_layout
 
-    w = SimpleNamespace()
     with gr.Blocks():
-        app.build_layout(w)
-    h = app.Handlers(st.ModelCache(), w)
-    v = {c: getattr(c, "value", None) for c in app._inputs(w)}
-    v[w.state], v[w.saved_runs] = st.SessionState(), {}
-    h.load(v, progress=_quiet)
-    h.allocate(v)
-    return SimpleNamespace(h=h, w=w, v=v)
+        ui = build_layout()
+    widgets = ui.widgets()
+    v = {name: getattr(c, "value", None) for name, c in widgets.items()}
+    v["state"], v["saved_runs"] = st.SessionState(), {}
+    h = Handlers(st.ModelCache(), ui)
+    page = SimpleNamespace(h=h, ui=ui, w=SimpleNamespace(**widgets), v=v)
+    call(page, h.load, progress=_quiet)
+    call(page, h.allocate)
+    return page
+
+
+def call(page, handler, **changed):
+    """``handler`` on the page's values, with ``changed`` ones (by widget name) instead."""
+    values = {**page.v, **changed}
+    names = inspect.signature(handler).parameters
+    return handler(**{n: values[n] for n in names if n in values})
 
 
 def _sent(out: dict, component) -> bool:
@@ -129,36 +140,81 @@ def test_drawn_tracks_what_each_output_shows():
     assert drawn.changed("bits_plot", key)
 
 
+# ------------------------------------------------------------------------ layout and wiring
+
+
+def test_the_page_starts_on_the_run_defaults(page):
+    from mopeq.core import defaults, methods
+
+    v = page.v
+    assert v["method"] == v["score_source"] == v["view_method"] == defaults.SCORE_METHOD
+    assert v["alloc_method"] == defaults.ALLOC_METHOD and v["clusters"] == defaults.CLUSTERS
+    assert tuple(v["bits"]) == defaults.BITS and v["scope"] == defaults.SCOPE
+    assert v["target_bits"] == defaults.TARGET_BITS
+    assert v["uniform_bits"] == defaults.UNIFORM_BITS
+    assert v["group_size"] == defaults.GROUP_SIZE and v["base_bits"] == defaults.BASE_BITS
+    assert v["seed"] == v["quant_seed"] == defaults.SEED
+    assert v["mode"] == defaults.QUANT_MODE and v["pairs"] == defaults.QUICK_PAIRS
+    assert v["probes"] == methods.DEFAULT_PROBES[defaults.SCORE_METHOD]
+    assert page.w.method.choices == [(m, m) for m in methods.NAMES]
+
+
+def test_every_handler_names_only_widgets(page):
+    from mopeq.app import wiring
+
+    c = controls.Controls(page.ui)
+    handlers = [page.h.load, page.h.profile, page.h.view, page.h.compare, page.h.allocate,
+                page.h.quantize, page.h.tradeoff, page.h.export, page.h.report,
+                page.h.queue_note, c.score_controls, c.method_controls, controls.target_range,
+                controls.mode_controls, controls.warn_trust, controls.cancel("profile")]
+    for handler in handlers:
+        names = [n for n in inspect.signature(handler).parameters if n != "progress"]
+        assert wiring.inputs(page.ui, handler) == page.ui.pick(*names)
+    allocate = wiring.inputs(page.ui, page.h.allocate)
+    assert page.w.state in allocate and page.w.heatmap not in allocate
+    assert page.w.mode not in allocate  # the quantize panel is not an allocation input
+
+
+def test_probe_slider_follows_the_method_table(page):
+    from mopeq.core import methods
+
+    c = controls.Controls(page.ui)
+    out = c.score_controls("hessian", True)
+    assert out[page.w.probes]["value"] == methods.DEFAULT_PROBES["hessian"]
+    assert out[page.w.probes]["visible"] is True and out[page.w.closed_form]["visible"] is False
+    assert c.score_controls("frobenius", True)[page.w.probes]["visible"] is False
+
+
 # ------------------------------------------------------------------------ handlers
 
 
 def test_a_live_event_sends_only_what_changed(page):
     h, w, v = page.h, page.w, page.v
-    again = h.allocate(v)
+    again = call(page, h.allocate)
     assert all(val == SKIP for val in again.values())  # nothing changed: nothing is redrawn
-    v[w.base_bits] = 8  # memory changes; the bits of the experts do not
-    out = h.allocate(v)
+    v["base_bits"] = 8  # memory changes; the bits of the experts do not
+    out = call(page, h.allocate)
     assert _sent(out, w.memory_md) and _sent(out, w.memory_plot)
     assert not _sent(out, w.bits_plot) and not _sent(out, w.heatmap)
     assert not _sent(out, w.clusters_df)
-    v[w.base_bits] = 4
-    h.allocate(v)
+    v["base_bits"] = 4
+    call(page, h.allocate)
 
 
 def test_the_allocation_follows_a_newly_computed_method(page):
-    h, w, v = page.h, page.w, page.v
-    out = h.profile({**v, w.method: "frequency"}, progress=_quiet)
+    h, w = page.h, page.w
+    out = call(page, h.profile, method="frequency", progress=_quiet)
     assert out[w.score_source]["value"] == "frequency"  # what the heatmap now shows
     assert out[w.view_method]["value"] == "frequency"
-    alloc = h.allocate({**v, w.score_source: "frequency", w.view_method: "frequency"})
+    alloc = call(page, h.allocate, score_source="frequency", view_method="frequency")
     assert "allocated by **frequency** scores" in alloc[w.memory_md]
-    h.allocate(v)  # back to frobenius for the other tests
+    call(page, h.allocate)  # back to frobenius for the other tests
 
 
 def test_frequency_allocation_judges_by_a_sensitivity(page):
     h, w, v = page.h, page.w, page.v
-    out = h.allocate({**v, w.alloc_method: "frequency", w.score_source: "frobenius"})
-    state = v[w.state]
+    out = call(page, h.allocate, alloc_method="frequency", score_source="frobenius")
+    state = v["state"]
     pareto = out[w.pareto_plot]
     assert "frobenius" in pareto.layout.title.text
     frobenius = state.scores["frobenius"]
@@ -167,31 +223,31 @@ def test_frequency_allocation_judges_by_a_sensitivity(page):
 
     expected = predicted_loss(state.allocation.bitmap, frobenius, errs, (2, 3, 4))
     assert state.allocation.current["predicted_loss"] == pytest.approx(expected)
-    h.allocate(v)
+    call(page, h.allocate)
 
 
 def test_budget_above_the_bit_set_says_so(page):
-    h, w, v = page.h, page.w, page.v
-    out = h.allocate({**v, w.alloc_method: "budget", w.target_bits: 8.0})
+    h, w = page.h, page.w
+    out = call(page, h.allocate, alloc_method="budget", target_bits=8.0)
     assert "above the widest width (4)" in out[w.memory_md]
-    assert h.target_range([2, 3, 4], 8.0)["maximum"] == 4.0
-    assert h.target_range([2, 3, 4, 8], 3.0)["maximum"] == 8.0
-    single = h.allocate({**v, w.alloc_method: "kmeans", w.bits: [8]})
+    assert controls.target_range([2, 3, 4], 8.0)["maximum"] == 4.0
+    assert controls.target_range([2, 3, 4, 8], 3.0)["maximum"] == 8.0
+    single = call(page, h.allocate, alloc_method="kmeans", bits=[8])
     assert "One allocation only" in single[w.pareto_plot].layout.title.text
-    h.allocate(v)
+    call(page, h.allocate)
 
 
 def test_a_failed_or_empty_load_keeps_the_active_model_and_says_so(page, tmp_path):
     h, w, v = page.h, page.w, page.v
-    out = h.load({**v, w.source: str(tmp_path / "missing")}, progress=_quiet)
+    out = call(page, h.load, source=str(tmp_path / "missing"), progress=_quiet)
     assert "Could not load" in out[w.layout_md] and "**embedded**" in out[w.layout_md]
     assert "no such model folder" in out[w.layout_md]
     assert out[w.source] == "embedded"  # the box names the model the page works on
     assert out[w.params_df] == SKIP and out[w.score_source] == SKIP
-    assert v[w.state].key == ("embedded", False)
-    empty = h.load({**v, w.source: "  "}, progress=_quiet)
+    assert v["state"].key == ("embedded", False)
+    empty = call(page, h.load, source="  ", progress=_quiet)
     assert "No model given" in empty[w.layout_md] and empty[w.source] == "embedded"
-    loaded = h.load(v, progress=_quiet)
+    loaded = call(page, h.load, progress=_quiet)
     assert loaded[w.layout_md].startswith("Active model: **embedded**")
 
 
@@ -224,3 +280,28 @@ def test_tuned_runs_pass_their_seed_to_auto_round():
     cfg = layer_config(layout, bits, config, prefix)
     ar = _autoround(root, processor.tokenizer, cfg, config, ["a calibration text"] * 4)
     assert ar.seed == 7
+
+
+def test_bad_input_is_a_message_and_the_page_keeps_its_state(page):
+    h, v = page.h, page.v
+    before = v["state"].allocation
+    with pytest.raises(gr.Error, match="no bit width"):
+        call(page, h.allocate, bits=[])
+    assert v["state"].allocation is before and before is not None
+
+
+def test_user_errors_read_as_messages_and_bugs_as_unexpected():
+    from mopeq.app.errors import readable_errors
+    from mopeq.core.errors import MopeqError
+
+    def fails(exc):
+        raise exc
+
+    guarded = readable_errors(fails)
+    with pytest.raises(gr.Error) as info:
+        guarded(MopeqError("bad group size"))
+    assert info.value.message == "bad group size"  # the message alone, no traceback
+    with pytest.raises(gr.Error, match="Unexpected KeyError"):
+        guarded(KeyError("x"))
+    with pytest.raises(gr.Error, match="Cancelled"):
+        guarded(st.Cancelled())

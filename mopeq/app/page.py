@@ -1,20 +1,23 @@
 """The page's live outputs: build only what changed, in one size unit, and say what applies.
 
-``app.py`` wires events; this module builds their outputs. A live event (a slider, a bit set)
-re-sends only the outputs whose content changed (``gr.skip()`` for the rest, tracked by the
-session's ``app_view.Drawn``): the browser redraws one or two figures instead of six, which is
-most of the time between a slider move and the redraw.
+``wiring`` connects events to ``handlers``; this module builds their outputs. A live event
+(a slider, a bit set) re-sends only the outputs whose content changed (``gr.skip()`` for the
+rest, tracked by the session's ``view.Drawn``): the browser redraws one or two figures instead
+of six, which is most of the time between a slider move and the redraw.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from mopeq.app import state as st
-from mopeq.app import view
+from mopeq.app import text, view
 from mopeq.app.api import deploy_badge, memory_text
+
+if TYPE_CHECKING:
+    from mopeq.app.layout import Page
 
 
 def unit(entry: st.ModelEntry) -> str:
@@ -27,29 +30,29 @@ def _send(state: st.SessionState, name: str, key: str, build):
     return build() if state.drawn.changed(name, key) else gr.skip()
 
 
-def alloc_outputs(w: SimpleNamespace, state: st.SessionState, entry: st.ModelEntry,
+def alloc_outputs(ui: Page, state: st.SessionState, entry: st.ModelEntry,
                   alloc, score, judge, settings: st.AllocSettings) -> dict:
     """The allocation panel's outputs (bits map, clusters, memory, badge, breakdown, Pareto)."""
     from mopeq.app import figures as plots
 
     labels, u = entry.layout.moe_layers, unit(entry)
     bits = alloc.bitmap.bits
-    text = (memory_text(alloc) + f"\n\nBits allocated by **{score.method}** scores"
+    note = (memory_text(alloc) + f"\n\nBits allocated by **{score.method}** scores"
             + view.budget_note(settings.method, settings.target_bits, settings.bits))
     table = st.clusters_table(alloc, score)
     badge = deploy_badge(alloc.bitmap)
     breakdown = alloc.memory.breakdown
-    fp = view.fingerprint
+    fp, a, r = view.fingerprint, ui.allocation, ui.results
     return {
-        w.memory_md: _send(state, "memory_md", text, lambda: text),
-        w.deploy_md: _send(state, "deploy_md", badge, lambda: badge),
-        w.bits_plot: _send(state, "bits_plot", fp(bits, labels, score.scores), lambda: (
+        a.memory_md: _send(state, "memory_md", note, lambda: note),
+        a.deploy_md: _send(state, "deploy_md", badge, lambda: badge),
+        r.bits_plot: _send(state, "bits_plot", fp(bits, labels, score.scores), lambda: (
             plots.bits_heatmap(bits, layer_labels=labels, scores=score.scores))),
-        w.clusters_df: _send(state, "clusters_df", fp(table.to_json()),
+        r.clusters_df: _send(state, "clusters_df", fp(table.to_json()),
                              lambda: view.readable(table)),
-        w.memory_plot: _send(state, "memory_plot", fp(sorted(breakdown.items()), u), lambda: (
+        r.memory_plot: _send(state, "memory_plot", fp(sorted(breakdown.items()), u), lambda: (
             plots.memory_breakdown(breakdown, reference=st.bf16_breakdown(entry), unit=u))),
-        w.pareto_plot: _send(state, "pareto_plot", fp(alloc.pareto, alloc.current, u,
+        r.pareto_plot: _send(state, "pareto_plot", fp(alloc.pareto, alloc.current, u,
                                                       judge.method), lambda: (
             plots.pareto_curve(alloc.pareto, current=alloc.current, unit=u,
                                score_name=judge.method) if alloc.pareto else None)),
@@ -61,16 +64,46 @@ def heatmap_output(state: st.SessionState, key: tuple, build):
     return _send(state, "heatmap", view.fingerprint(*key), build)
 
 
-def runs_outputs(w: SimpleNamespace, state: st.SessionState, unit_: str, y: str,
+def runs_outputs(ui: Page, state: st.SessionState, unit_: str, y: str,
                  bf16_gb: float) -> dict:
     """The runs scatter and table from the session's runs (empty views without runs)."""
     from mopeq.app import figures as plots
 
+    q = ui.quantize
     if not state.runs:
-        return {w.tradeoff_plot: None, w.runs_df: None}
+        return {q.tradeoff_plot: None, q.runs_df: None}
     points = st.tradeoff_points(state.runs, bf16_gb)
-    return {w.tradeoff_plot: plots.tradeoff_scatter(points, unit=unit_, y=y),
-            w.runs_df: view.readable_runs(st.runs_table(state.runs), unit_)}
+    return {q.tradeoff_plot: plots.tradeoff_scatter(points, unit=unit_, y=y),
+            q.runs_df: view.readable_runs(st.runs_table(state.runs), unit_)}
+
+
+def heatmap_figure(entry: st.ModelEntry, score, bits, kind: str, projection: str, log: bool,
+                   routed):
+    """The heatmap of one view of ``score`` (``routed()``: the routing counts, when missing)."""
+    from mopeq.app import figures as plots
+
+    labels = entry.layout.moe_layers
+    if kind == "bits" and bits is not None:
+        return plots.bits_heatmap(bits, layer_labels=labels, scores=score.scores)
+    if kind == "tokens":
+        counted = score if score.tokens is not None else routed()
+        cover = counted.meta.get("coverage")
+        return plots.sensitivity_heatmap(
+            counted.tokens, title=f"Routing: top-k assignments per expert — {cover:.0%} "
+            "of experts get tokens", layer_labels=labels, bits=bits, log=log,
+            colorbar_title="tokens")
+    method = score.method
+    if kind == "stderr" and score.stderr is not None:
+        return plots.sensitivity_heatmap(score.stderr, title=f"{method}: standard error",
+                                         layer_labels=labels, bits=bits, log=log,
+                                         colorbar_title="stderr")
+    if kind == "stderr":
+        gr.Info(text.NO_STDERR.format(method=method))
+    values = score.scores if projection == "total" else score.per_projection[projection]
+    name = method if projection == "total" else f"{method} ({projection})"
+    return plots.sensitivity_heatmap(
+        values, title=f"Sensitivity: {name}", layer_labels=labels, bits=bits, log=log,
+        stderr=score.stderr if projection == "total" else None, colorbar_title=name)
 
 
 def restore_runs(state: st.SessionState, saved, fingerprint: str) -> bool:
@@ -87,9 +120,10 @@ def saved_runs(state: st.SessionState, fingerprint: str) -> dict:
     return {"model": fingerprint, "runs": state.runs}
 
 
-def controls(names: dict[str, bool], w: SimpleNamespace) -> dict:
+def controls(names: dict[str, bool], ui: Page) -> dict:
     """``gr.update(visible=...)`` for each named control."""
-    return {getattr(w, n): gr.update(visible=shown) for n, shown in names.items()}
+    widgets = ui.pick(*names)
+    return {w: gr.update(visible=shown) for w, shown in zip(widgets, names.values(), strict=True)}
 
 
 def quantize_queue(demo: gr.Blocks, concurrency_id: str = "quantize") -> int | None:

@@ -1,8 +1,8 @@
 """What the page shows and when: controls that apply, one size unit, notes, change tracking.
 
-Pure helpers for ``app.py`` (no gradio, no torch): which controls a method uses, the size unit of
-a model's views, the notes the page adds (a capped budget, a failed load, a queued run),
-readable tables, and ``Drawn``, which remembers what each output last showed so a live event
+Pure helpers for the page's handlers (no gradio, no torch): which controls a method uses, the
+size unit of a model's views, the notes the page adds (a capped budget, a failed load, a queued
+run), readable tables, and ``Drawn``, which remembers what each output last showed so a live event
 re-sends only what changed.
 """
 
