@@ -201,6 +201,29 @@ def test_a_live_event_sends_only_what_changed(page):
     call(page, h.allocate)
 
 
+def test_the_clusters_preview_is_what_the_server_then_writes(page):
+    """The browser shows ``memory_preview[C]`` at once; the server's event writes the same."""
+    from mopeq.app.wiring import PREVIEW_JS
+
+    a, state = page.ui.allocation, page.v["state"]
+
+    def allocate(**changed):
+        state.drawn = view.Drawn()  # a fresh browser: every output is sent
+        return call(page, page.h.allocate, **changed)
+
+    preview = allocate()[a.memory_preview]
+    lo, hi = int(a.clusters.minimum), int(a.clusters.maximum)
+    assert set(preview) == {str(c) for c in range(lo, hi + 1)}
+    for c in (1, 2, 4):
+        assert allocate(clusters=c)[a.memory_md] == preview[str(c)]
+    assert len({preview[str(c)] for c in (1, 2, 3)}) == 3  # it moves with C
+    again = call(page, page.h.allocate, clusters=5)  # same settings but C: not sent again
+    assert again[a.memory_preview] == SKIP
+    assert allocate(alloc_method="budget")[a.memory_preview] == {}  # no clusters, no preview
+    assert "preview[String(Math.round(c))]" in PREVIEW_JS
+    allocate()
+
+
 def test_the_allocation_follows_a_newly_computed_method(page):
     h, w = page.h, page.w
     out = call(page, h.profile, method="frequency", progress=_quiet)

@@ -187,11 +187,13 @@ REDRAWN = """(sels) => Object.fromEntries(sels.map(s => [s, window.__drawn[s] > 
   !document.querySelector(s + ' .js-plotly-plot')?.__watched]))"""
 ARM = """() => { const root = document.querySelector('#memory-text');
   const text = () => root.querySelector('h3')?.textContent ?? '';
-  const before = text(); window.__done = null;
+  const before = text(); window.__done = null; window.__figure = null;
   const obs = new MutationObserver(() => {
     if (window.__done === null && text() !== before) {
       window.__done = performance.now(); obs.disconnect(); } });
   obs.observe(root, {subtree: true, childList: true, characterData: true});
+  const gd = document.querySelector('#bits-plot .js-plotly-plot');
+  gd.once('plotly_afterplot', () => { window.__figure = performance.now(); });  // the redraw
   return performance.now(); }"""
 
 
@@ -290,25 +292,29 @@ def test_live_controls_redraw_only_what_changed(browser, app_url):  # noqa: F811
     _choose(page, "base-bits", "4")
 
 
-@pytest.mark.xfail(reason="not reached yet: median ~520 ms at load 1.7 on the 2-core build box "
-                          "(710 ms before; a no-op event's round trip alone took ~230 ms)",
-                   strict=False)
 def test_slider_latency_meets_the_goal(browser, app_url):  # noqa: F811
+    """A clusters move shows its memory text within the goal (the page's own clock).
+
+    The text comes from the server's preview of every clusters value, so it needs no round
+    trip; the figures follow with the server's event, timed too (``figure_ms``, reported).
+    """
     page = _open(browser, app_url)
     _first_view(page)
     slider = page.locator("#clusters input[type=range]")
-    moves = []
+    moves, figures = [], []
     for i in range(7):  # a slider move until the memory text changes, in the page's clock
         time.sleep(0.8)
         start = page.evaluate(ARM)
         slider.focus()
         page.keyboard.press("ArrowRight" if i % 2 == 0 else "ArrowLeft")
-        page.wait_for_function("window.__done !== null")
+        page.wait_for_function("window.__done !== null && window.__figure !== null")
         moves.append(page.evaluate("window.__done") - start)
+        figures.append(page.evaluate("window.__figure") - start)
     median, load = statistics.median(moves), os.getloadavg()[0]
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "latency.json").write_text(json.dumps(
         {"moves_ms": moves, "median_ms": median, "goal_ms": LATENCY_GOAL_MS,
+         "figure_ms": figures, "figure_median_ms": statistics.median(figures),
          "loadavg_1min": load, "cpus": os.cpu_count()}, indent=1))
     assert median <= LATENCY_GOAL_MS, (
         f"median {median:.0f} ms over {len(moves)} moves {moves} (load {load:.1f})")

@@ -36,7 +36,7 @@ TRADEOFF_AXES = [("MME score", "score"), ("KL to the baseline", "kl")]
 LOAD_OUT = ("layout_md", "params_df", "profile_md", "score_source", "view_method", "source",
             "tradeoff_plot", "runs_df")
 ALLOC_OUT = ("bits_plot", "clusters_df", "memory_md", "deploy_md", "memory_plot", "pareto_plot",
-             "heatmap")
+             "heatmap", "memory_preview")
 QUANTIZE_OUT = ("run_md", "category_df", "results_plot", "saved_runs", "tradeoff_plot",
                 "runs_df")
 
@@ -87,6 +87,7 @@ class AllocationPanel:
     group_size: gr.Dropdown
     base_bits: gr.Dropdown
     seed: gr.Number
+    memory_preview: gr.JSON  # hidden: the memory text at every clusters value (page.previews)
 
 
 @dataclass(frozen=True, eq=False)
@@ -266,9 +267,10 @@ def allocation_panel() -> AllocationPanel:
                                 elem_id="base-bits")
         seed = gr.Number(value=defaults.SEED, precision=0, label="Seed", min_width=80,
                          elem_id="seed")
+    memory_preview = gr.JSON(visible=False)
     return AllocationPanel(memory_md, deploy_md, score_source, alloc_method, snap, clusters,
                            target_bits, uniform_bits, bits, scope, log_scores, group_size,
-                           base_bits, seed)
+                           base_bits, seed, memory_preview)
 
 
 def allocation_results() -> AllocationResults:

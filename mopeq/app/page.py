@@ -8,6 +8,7 @@ of six, which is most of the time between a slider move and the redraw.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import gradio as gr
@@ -37,8 +38,7 @@ def alloc_outputs(ui: Page, state: st.SessionState, entry: st.ModelEntry,
 
     labels, u = entry.layout.moe_layers, unit(entry)
     bits = alloc.bitmap.bits
-    note = (memory_text(alloc) + f"\n\nBits allocated by **{score.method}** scores"
-            + view.budget_note(settings.method, settings.target_bits, settings.bits))
+    note = memory_note(alloc, score, settings)
     table = st.clusters_table(alloc, score)
     badge = deploy_badge(alloc.bitmap)
     breakdown = alloc.memory.breakdown
@@ -56,7 +56,37 @@ def alloc_outputs(ui: Page, state: st.SessionState, entry: st.ModelEntry,
                                                       judge.method), lambda: (
             plots.pareto_curve(alloc.pareto, current=alloc.current, unit=u,
                                score_name=judge.method) if alloc.pareto else None)),
+        a.memory_preview: _send(state, "memory_preview", fp(
+            score.scores, score.method, dataclasses.replace(settings, clusters=0)), lambda: (
+            previews(entry, score, settings, range(int(a.clusters.minimum),
+                                                   int(a.clusters.maximum) + 1)))),
     }
+
+
+def memory_note(alloc, score, settings) -> str:
+    """The memory text of an allocation: size, ratio, bits, and which scores chose them."""
+    return (memory_text(alloc) + f"\n\nBits allocated by **{score.method}** scores"
+            + view.budget_note(settings.method, settings.target_bits, settings.bits))
+
+
+def previews(entry: st.ModelEntry, score, settings: st.AllocSettings, clusters) -> dict:
+    """``memory_note`` at every clusters value (``{}`` for methods without clusters).
+
+    The clusters slider shows the entry for its new value in the browser at once (no round
+    trip: ``wiring.PREVIEW_JS``); the server's own event then redraws the figures and writes the
+    same text. Each entry is the allocation the server would compute for that value.
+    """
+    if not view.alloc_controls(settings.method)["clusters"]:
+        return {}
+    out = {}
+    for c in clusters:
+        chosen = dataclasses.replace(settings, clusters=c)
+        try:
+            alloc = st.allocation(entry, score, chosen, with_pareto=False)
+        except ValueError:  # e.g. more clusters than experts: the server event says why
+            continue
+        out[str(c)] = memory_note(alloc, score, chosen)
+    return out
 
 
 def heatmap_output(state: st.SessionState, key: tuple, build):

@@ -70,8 +70,14 @@ def _wire_sensitivity(ui: Page, h: Handlers, c: controls.Controls) -> None:
         _on(control.change, ui, h.view, s.heatmap, **private("view", "live", LIVE, **LATEST))
 
 
+# the clusters slider's memory text, shown in the browser at once from the server's preview
+PREVIEW_JS = "(c, preview, current) => (preview && preview[String(Math.round(c))]) || current"
+
+
 def _wire_allocation(ui: Page, h: Handlers, c: controls.Controls) -> None:
     a = ui.allocation
+    a.clusters.change(None, [a.clusters, a.memory_preview, a.memory_md], a.memory_md,
+                      js=PREVIEW_JS, show_progress="hidden", **private("clusters_preview"))
     for control in (a.score_source, a.alloc_method, a.clusters, a.bits, a.scope, a.log_scores,
                     a.target_bits, a.uniform_bits, a.group_size, a.base_bits, a.snap, a.seed):
         _on(control.change, ui, h.allocate, ui.pick(*ALLOC_OUT),
