@@ -20,7 +20,7 @@ CLI_DEFAULTS = {
     "--max-cost-s": D.MAX_COST_S, "--n-batches": D.CALIB_BATCHES,
     "--batch-size": D.CALIB_BATCH_SIZE, "--targets": D.REPORT_TARGETS,
     "--random-seeds": D.RANDOM_SEEDS, "--dataset": D.DATASET, "--pairs": None,
-    "--target-gb": None, "--snap": None, "--model": "embedded",
+    "--target-gb": None, "--snap": None, "--model": D.MODEL_SOURCE,
 }
 METHOD_DEFAULTS = {"profile": D.SCORE_METHOD, "allocate": D.ALLOC_METHOD}
 

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from mopeq.workflow.workspace import Allocation, Run
 
 Progress = Callable[[float, str], None]
-EMBEDDED = "embedded"
+EMBEDDED = D.MODEL_SOURCE
 # the libraries' method names (tests check they match), here to keep ``import app`` light
 SCORE_METHODS = methods.NAMES  # the torch-free method table, as mopeq.sensitivity.profile.METHODS
 ALLOC_METHODS = ("kmeans", "budget", "uniform", "frequency", "random")  # allocate.METHODS

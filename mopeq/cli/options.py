@@ -43,7 +43,8 @@ SPEC = RunSpec()  # the defaults every option below shows
 
 
 def _model_options(sp) -> None:
-    sp.add_argument("--model", default="embedded", help="'embedded', a local folder, or a hub id")
+    sp.add_argument("--model", default=D.MODEL_SOURCE,
+                    help="'embedded', a local folder, or a hub id")
     sp.add_argument("--trust-remote-code", action="store_true",
                     help="allow the model's own code to run (only for models you trust)")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
@@ -163,7 +164,7 @@ def study_parser(sp) -> None:
     _eval_options(sp)
     sp.add_argument("--random-seeds", type=int, default=D.RANDOM_SEEDS)
     _storage_options(sp, base_bits=False)
-    sp.add_argument("--out", default="study")
+    sp.add_argument("--out", default=D.STUDY_DIR)
     sp.add_argument("--no-report", action="store_true",
                     help="skip the sensitivity-quality report (every method vs measured)")
 

@@ -27,3 +27,5 @@ CALIB_BATCHES = 4  # calibration batches of the data-aware methods
 CALIB_BATCH_SIZE = 16
 REPORT_TARGETS: tuple[float, ...] = (2.5, 3.0)  # average bits the sensitivity report realises
 RANDOM_SEEDS = 5  # the study's ``random`` rows
+STUDY_DIR = "study"  # where the study writes its tables
+MODEL_SOURCE = "embedded"  # the tiny MoE VLM shipped in assets/

@@ -11,7 +11,6 @@ rate to the baseline (which separate allocations where a small score cannot).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +45,7 @@ def _plans(scores: dict, base: RunSpec) -> list[tuple[str, RunSpec, str]]:
 
 
 def run_study(loaded: LoadedModel, pairs: int | None = None, seed: int = D.SEED,
-              out_dir: str | Path = "study", random_seeds: int = D.RANDOM_SEEDS,
+              out_dir: str | Path = D.STUDY_DIR, random_seeds: int = D.RANDOM_SEEDS,
               group_size: int = D.GROUP_SIZE, base_bits: int = D.BASE_BITS,
               with_autoscheme: bool = True,
               on_progress: Callable[[float, str], None] | None = None) -> str:
@@ -80,8 +79,7 @@ def run_study(loaded: LoadedModel, pairs: int | None = None, seed: int = D.SEED,
     # the recommended data-aware method, by its own errors
     run("budget block_fisher (its own errors), same GB", budget, scores["block_fisher"])
     if with_autoscheme:
-        runs.append(_autoscheme_row(loaded, ws.layout, ref.bitmap.avg_bits, base.quant_config(),
-                                    base.memory_config(), baseline, pairs, seed))
+        runs.append(_autoscheme_row(ws, base, ref.bitmap.avg_bits, baseline))
     progress(1.0, "writing tables")
     return _write(runs, Path(out_dir), random_seeds)
 
@@ -96,15 +94,17 @@ def _baseline_row(base, layout, mem: MemoryConfig) -> dict:
             "score_delta_ci95": [0.0, 0.0], "p_value": 1.0}
 
 
-def _autoscheme_row(loaded, layout, avg_bits, qconf, mem, base, pairs, seed) -> dict:
-    from mopeq.evaluation.evaluate import compare, run_evaluation
+def _autoscheme_row(ws: Workspace, spec: RunSpec, avg_bits: float, base) -> dict:
+    """auto-round's own search at ``avg_bits``, evaluated like every other row."""
+    from mopeq.evaluation.evaluate import compare
     from mopeq.quantize.autoround import autoscheme
 
+    loaded, layout = ws.loaded, ws.layout
     texts = calibration_texts(loaded, n=32)
-    bits, result = autoscheme(loaded.model, layout, avg_bits, qconf, loaded.processor, texts)
-    qloaded = dataclasses.replace(loaded, model=result.model, fingerprint="quantized")
-    ev = run_evaluation(qloaded, "synthetic", pairs=pairs, seed=seed)
-    est = estimate(layout, bits, mem)
+    bits, result = autoscheme(loaded.model, layout, avg_bits, spec.quant_config(),
+                              loaded.processor, texts)
+    ev = ws.evaluate(spec, result)
+    est = ws.memory(spec, bits)
     numel = np.array([e.numel for e in layout.experts], dtype=float).reshape(bits.shape)
     cmp = compare(base, ev)
     return {"label": "auto-round AutoScheme (peer), same avg bits", "method": "autoscheme",
