@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from mopeq.quantize.autoround import QuantConfig
     from mopeq.sensitivity.profile import ProfileConfig
 
-MAX_BITS = 16
 QUANT_MODES = ("rtn", "tuned")
 SNAP_RULES = ("mean", "max", "min")  # allocation.allocate.SNAP_RULES (tests check they match)
 
@@ -181,18 +180,16 @@ def _built(cls, **kwargs):
 
 
 def _bit_set(bits) -> tuple[int, ...]:
-    """Sorted distinct widths; ``MopeqError`` for anything that is not a set of 1..16."""
+    """Sorted distinct widths, by the one check of a bit set (``core.memory.bit_set``)."""
+    from mopeq.core.memory import bit_set  # lazily: importing the spec stays light
+
     try:
-        values = tuple(bits)
+        empty = len(bits) == 0
     except TypeError:
-        raise MopeqError(f"bits must be a collection of bit widths, got {bits!r}") from None
-    if not values:
+        empty = False
+    if empty:  # the page's message: the boxes are all unticked
         raise MopeqError("no bit width selected: give at least one, e.g. bits=(2, 3, 4)")
-    bad = [b for b in values if isinstance(b, bool) or not isinstance(b, int)
-           or not 1 <= b <= MAX_BITS]
-    if bad:
-        raise MopeqError(f"bit widths must be ints in 1..{MAX_BITS}, got {bad}")
-    return tuple(sorted(set(values)))
+    return _built(bit_set, bits=bits)
 
 
 def _problems(s: RunSpec) -> list[str]:

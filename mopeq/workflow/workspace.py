@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 Progress = Callable[[float, str], None] | None
 EVAL_STAGE, EVAL_VERSION = "evaluation", 1
-DEFAULT_SPEC = RunSpec()
 EXPORT_SNIPPETS = ("recipe.json", "autoround_layer_config.py", "gptqmodel_dynamic.py",
                    "llama_cpp_tensor_types.txt")
 
@@ -138,8 +137,9 @@ class Workspace:
 
     # ------------------------------------------------------------------ sensitivity
 
-    def profile(self, spec: RunSpec = DEFAULT_SPEC, on_progress: Progress = None) -> Scores:
+    def profile(self, spec: RunSpec | None = None, on_progress: Progress = None) -> Scores:
         """Per-expert scores by ``spec.score_method`` (cached); builds calibration data."""
+        spec = spec or RunSpec()
         from mopeq.sensitivity.profile import profile
 
         data = None
@@ -154,8 +154,9 @@ class Workspace:
                            spec.profile_config(), data=data, on_progress=on_progress,
                            fingerprint=self.loaded.fingerprint)
 
-    def errors(self, spec: RunSpec = DEFAULT_SPEC) -> np.ndarray:
+    def errors(self, spec: RunSpec | None = None) -> np.ndarray:
         """Per-expert round-to-nearest errors [L, E, len(bits)] (cached by fingerprint)."""
+        spec = spec or RunSpec()
         from mopeq.allocation.allocate import quant_errors
 
         with user_errors():
@@ -213,9 +214,10 @@ class Workspace:
                             tokenizer=self.loaded.processor, calib=calib,
                             on_progress=on_progress)
 
-    def evaluate(self, spec: RunSpec = DEFAULT_SPEC,
+    def evaluate(self, spec: RunSpec | None = None,
                  quant: QuantResult | None = None) -> EvalResult:
         """The MME(-style) evaluation of the model (cached) or of a quantized copy of it."""
+        spec = spec or RunSpec()
         from mopeq.evaluation.evaluate import run_evaluation
 
         if quant is None:
@@ -224,8 +226,9 @@ class Workspace:
         with user_errors():
             return run_evaluation(qloaded, spec.dataset, pairs=spec.pairs, seed=spec.eval_seed)
 
-    def baseline(self, spec: RunSpec = DEFAULT_SPEC) -> EvalResult:
+    def baseline(self, spec: RunSpec | None = None) -> EvalResult:
         """The unquantized model's evaluation, cached on disk per (model, dataset, subset)."""
+        spec = spec or RunSpec()
         with user_errors():
             return baseline_evaluation(self.loaded, spec.dataset, spec.pairs, spec.eval_seed)
 
