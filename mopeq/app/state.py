@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mopeq.app.controls import AllocSettings, ScoreSpec
+from mopeq.app.settings import AllocSettings, ScoreSpec
 from mopeq.app.tables import (  # noqa: F401  (the page reads them as ``st.<name>``)
     CLUSTER_COLUMNS,
     REPORT_COLUMNS,
