@@ -4,7 +4,7 @@
 
 Times ``mopeq.app.api.Api.allocate`` (model, scores and errors already cached, as after the
 first view) for several settings, as medians, against a baseline measured in the same process:
-the bare library call ``pipeline.allocation`` on in-memory scores (no app overhead).
+the bare library call ``workspace.allocate`` on in-memory scores (no app overhead).
 """
 
 from __future__ import annotations
@@ -37,21 +37,17 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from mopeq.allocation.allocate import AllocConfig
     from mopeq.app import state as app_state
     from mopeq.app.api import Api
-    from mopeq.model.loading import load_model
-    from mopeq.model.moe import discover
-    from mopeq.sensitivity.profile import ProfileConfig
-    from mopeq.workflow import pipeline
+    from mopeq.workflow.spec import RunSpec
+    from mopeq.workflow.workspace import Workspace, allocate
 
     api = Api(app_state.ModelCache())
     api.allocate(source="embedded")  # the first view: load, score, errors (then cached)
-    loaded = load_model("embedded")
-    layout = discover(loaded.model)
-    scores = pipeline.sensitivity(loaded, layout, "frobenius", ProfileConfig(closed_form=True))
-    base = _median_ms(lambda: pipeline.allocation(scores, layout, AllocConfig()), args.repeats)
-    print(f"baseline: pipeline.allocation (k-means, in-memory scores) {base:.2f} ms")
+    ws = Workspace.open("embedded")
+    scores = ws.profile(RunSpec(closed_form=True))
+    base = _median_ms(lambda: allocate(scores, ws.layout, RunSpec()), args.repeats)
+    print(f"baseline: workspace.allocate (k-means, in-memory scores) {base:.2f} ms")
     for kw in SETTINGS:
         ms = _median_ms(lambda kw=kw: api.allocate(source="embedded", **kw), args.repeats)
         print(f"  allocate endpoint {str(kw):<45} {ms:7.2f} ms   ratio {ms / base:5.2f}")

@@ -30,19 +30,19 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from mopeq.allocation.allocate import AllocConfig
     from mopeq.evaluation.evaluate import run_evaluation
     from mopeq.model.loading import load_model
     from mopeq.model.moe import discover
     from mopeq.quantize.autoround import QuantConfig, quantize
-    from mopeq.sensitivity.profile import ProfileConfig
-    from mopeq.workflow import pipeline
+    from mopeq.workflow.spec import RunSpec
+    from mopeq.workflow.workspace import Workspace, calibration_texts
 
     loaded = load_model(args.model)
     layout = discover(loaded.model)
-    scores = pipeline.sensitivity(loaded, layout, "frobenius", ProfileConfig(closed_form=True))
-    alloc = pipeline.allocation(scores, layout, AllocConfig())
-    texts = pipeline.calibration_texts(loaded)
+    ws = Workspace(loaded, layout)
+    scores = ws.profile(RunSpec(closed_form=True))
+    alloc = ws.allocate(RunSpec(), scores)
+    texts = calibration_texts(loaded)
     modes = {"rtn": QuantConfig(), "tuned": QuantConfig(mode="tuned", iters=args.iters)}
     times, models = {}, {}
     for name, config in modes.items():

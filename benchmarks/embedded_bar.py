@@ -89,29 +89,27 @@ def uniform_rows(loaded, layout, base, args) -> None:
 
 def allocation_rows(loaded, layout, base, args) -> None:
     """Print the allocation-vs-random table (part 2)."""
-    from mopeq.allocation.allocate import AllocConfig
-    from mopeq.quantize.autoround import QuantConfig
-    from mopeq.sensitivity.profile import ProfileConfig
-    from mopeq.workflow import pipeline
+    from mopeq.workflow.spec import RunSpec
+    from mopeq.workflow.workspace import Workspace
 
-    qconf = QuantConfig(group_size=128, base_bits=16)
-    scores = pipeline.sensitivity(loaded, layout, args.method, ProfileConfig())
-    errors = pipeline.errors_for(loaded, layout, (2, 3, 4), 128)
+    ws = Workspace(loaded, layout)
+    spec = RunSpec(score_method=args.method, base_bits=16, pairs=args.pairs,
+                   eval_seed=args.seed)
+    scores = ws.profile(spec)
+    errors = ws.errors(spec)
     print(f"\n| avg expert bits | budget · {args.method} (95 % CI) | mean of {args.randoms} "
           "random (sd) | difference (paired 95 % CI) | beats random? |")
     print("|---|---|---|---|---|")
     for target in (2.5, 3.0):
-        config = AllocConfig(method="budget", target_bits=target)
-        alloc = pipeline.allocation(scores, layout, config, errors=errors)
+        alloc = ws.allocate(spec.replace(alloc_method="budget", target_bits=target), scores,
+                            errors=errors)
 
         def run(a, label):
-            r = pipeline.quantize_and_evaluate(loaded, layout, a, qconf, pairs=args.pairs,
-                                               seed=args.seed, label=label)
-            return r.result
+            return ws.quantize_evaluate(spec, a, label=label).result
 
         best = run(alloc, f"budget {target}")
-        randoms = [run(pipeline.allocation(scores, layout, AllocConfig(method="random", seed=s),
-                                           reference=alloc.bitmap), f"random {s}")
+        randoms = [run(ws.allocate(spec.replace(alloc_method="random", seed=s), scores,
+                                   reference=alloc.bitmap), f"random {s}")
                    for s in range(args.randoms)]
         v = versus_random(best, randoms)
         beats = "yes" if v["delta_ci95"][0] > 0 else "no (within noise)"

@@ -8,7 +8,7 @@ from mopeq.app import figures as plots
 from mopeq.app import state as st
 from mopeq.app.api import run_text, significance_text
 from mopeq.evaluation.evaluate import compare, score_mme
-from mopeq.workflow.pipeline import interval_fields
+from mopeq.workflow.workspace import interval_fields
 
 
 def _records(right, category):
@@ -80,3 +80,27 @@ def test_charts_draw_error_bars_from_intervals():
     points = st.tradeoff_points([s], bf16_gb=0.002)
     fig = plots.tradeoff_scatter(points)
     assert all(tr.error_y.array is not None for tr in fig.data)  # the run and its baseline
+
+
+def test_api_endpoints_pass_the_seed_and_the_gb_target(monkeypatch):
+    """/allocate takes target_gb and seed; /quantize_evaluate seeds the allocation too."""
+    from mopeq.app.api import Api
+
+    seen = {}
+    monkeypatch.setattr(st, "scores", lambda entry, spec, *a: (SimpleNamespace(
+        method=spec.method, scores=np.ones((1, 2))), False))
+
+    def allocation(entry, score, settings, with_pareto=True, judge=None):
+        seen["settings"] = settings
+        bitmap = SimpleNamespace(clusters_table=lambda s: [])
+        return SimpleNamespace(to_json=lambda: {}, bitmap=bitmap)
+
+    monkeypatch.setattr(st, "allocation", allocation)
+    monkeypatch.setattr(st, "quantize_evaluate", lambda *a, **kw: seen.update(qseed=kw["seed"]))
+    monkeypatch.setattr(st, "run_summary", lambda run, pairs: {})
+    api = Api(SimpleNamespace(get=lambda *a: SimpleNamespace()))
+    api.allocate(method="budget", target_gb=0.25, seed=3)
+    assert seen["settings"].spec().alloc_config().target_gb == 0.25
+    assert seen["settings"].seed == 3
+    api.quantize_evaluate(method="random", seed=7)
+    assert seen["settings"].spec().alloc_config().seed == 7 and seen["qseed"] == 7

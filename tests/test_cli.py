@@ -119,3 +119,33 @@ def test_bad_bitmap_file_is_a_user_error(saved, tmp_path):
     assert not (tmp_path / "q").exists()
     res = run("allocate", "--model", str(path), "--scores", str(tmp_path / "none.json"))
     assert res.returncode == 2 and "no such file" in res.stderr
+
+
+def test_only_user_errors_are_one_line(monkeypatch, capsys):
+    from mopeq import cli
+    from mopeq.cli import commands
+    from mopeq.core.errors import MopeqError
+
+    def fails(exc):
+        def cmd(_args):
+            raise exc
+        return cmd
+
+    monkeypatch.setitem(cli.COMMANDS, "inspect", (*cli.COMMANDS["inspect"][:2],
+                                                  fails(MopeqError("bad bits"))))
+    assert cli.main(["inspect"]) == 2
+    assert capsys.readouterr().err.strip() == "mopeq inspect: error: bad bits"
+    monkeypatch.setitem(cli.COMMANDS, "inspect", (*cli.COMMANDS["inspect"][:2],
+                                                  fails(KeyError("gate"))))
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        cli.main(["inspect"])
+    assert commands.cmd_inspect is not None
+
+
+def test_bad_settings_are_user_errors_before_any_model_loads(capsys):
+    from mopeq import cli
+
+    code = cli.main(["allocate", "--scores", "/no/such/scores.json"])
+    assert code == 2 and "no such file" in capsys.readouterr().err
+    code = cli.main(["profile", "--model", "/no/such/dir", "--probes", "-1"])
+    assert code == 2 and "probes must be" in capsys.readouterr().err

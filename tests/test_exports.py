@@ -120,19 +120,19 @@ def test_one_export_is_one_run_every_file_named_after_it(olmoe, tmp_path):
 
     import pandas as pd
 
-    from mopeq.allocation.allocate import AllocConfig
     from mopeq.app import state as st
     from mopeq.model.loading import LoadedModel
     from mopeq.sensitivity.profile import ProfileConfig, profile
-    from mopeq.workflow import pipeline
+    from mopeq.workflow.spec import RunSpec
+    from mopeq.workflow.workspace import Run, allocate
 
     model, layout = olmoe
     entry = st.ModelEntry(LoadedModel(model, tiny.build_tokenizer(), "0", "t", "causal_lm"),
                           layout)
     used = profile(model, layout, "frobenius", ProfileConfig(closed_form=True))
-    alloc = pipeline.allocation(used, layout, AllocConfig(memory=MemoryConfig(group_size=32)))
+    alloc = allocate(used, layout, RunSpec(group_size=32))
     quant = quantize(model, layout, alloc.bitmap, CFG, tokenizer=tiny.build_tokenizer())
-    run = pipeline.Run("#1 kmeans · frobenius 3.00b", alloc, quant, None, None, {}, used)
+    run = Run("#1 kmeans · frobenius 3.00b", alloc, quant, None, None, {}, used)
     live = used.__class__("hessian", used.scores * 0 + 7.0, used.per_projection)
     live_bits = np.full(alloc.bitmap.bits.shape, 4).tolist()  # the page moved on since the run
     files = st.export_files(entry, live, live_bits, run, tmp_path)

@@ -199,7 +199,7 @@ def test_autoscheme_peer_meets_the_average_bits(tiny_vlm):
     """auto-round's AutoScheme, offline, on local calibration texts, at an expert average."""
     from mopeq.model.loading import LoadedModel
     from mopeq.quantize.autoround import autoscheme
-    from mopeq.workflow.pipeline import calibration_texts
+    from mopeq.workflow.workspace import calibration_texts
 
     model, processor, layout = tiny_vlm
     loaded = LoadedModel(model, processor, "f", "t", "tiny_vlm")

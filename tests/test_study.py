@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mopeq.core.memory import MemoryConfig
 from mopeq.workflow import study
+from mopeq.workflow.spec import RunSpec
 
 
 class _S:
@@ -17,7 +17,7 @@ class _S:
 
 def test_plans_cover_the_paper_and_baselines():
     scores = {m: _S([[1.0, 2.0]]) for m in ("frobenius", "hessian", "fisher", "frequency")}
-    labels = [p[0] for p in study._plans(scores, MemoryConfig())]
+    labels = [p[0] for p in study._plans(scores, RunSpec())]
     for want in ("uniform 4-bit", "uniform 2-bit", "MoPEQ frobenius model-wise",
                  "MoPEQ frobenius layer-wise", "MoPEQ hessian model-wise",
                  "MoPEQ hessian layer-wise", "frequency k-means model-wise",
@@ -27,7 +27,7 @@ def test_plans_cover_the_paper_and_baselines():
 
 def test_log_rows_need_positive_scores():
     scores = {m: _S([[1.0, -2.0]]) for m in ("frobenius", "hessian", "fisher")}
-    labels = [p[0] for p in study._plans(scores, MemoryConfig())]
+    labels = [p[0] for p in study._plans(scores, RunSpec())]
     assert not any("log scores" in label for label in labels)
 
 

@@ -7,6 +7,7 @@ library objects into the short Markdown the page shows. No gradio, no torch at i
 
 from mopeq.app import state as st
 from mopeq.app import view
+from mopeq.core import defaults as D
 
 # ------------------------------------------------------------------------ text helpers
 
@@ -117,7 +118,7 @@ class Api:
     def __init__(self, models: st.ModelCache):
         self.models = models
 
-    def load_model(self, source: str = "embedded", trust_remote_code: bool = False) -> dict:
+    def load_model(self, source: str = st.EMBEDDED, trust_remote_code: bool = False) -> dict:
         """Load a model and describe its MoE layout.
 
         Args:
@@ -126,13 +127,13 @@ class Api:
         """
         return st.layout_summary(self.models.get(source, trust_remote_code))
 
-    def profile(self, source: str = "embedded", method: str = "frobenius", probes: int = 0,
-                closed_form: bool = True, trust_remote_code: bool = False) -> dict:
+    def profile(self, source: str = st.EMBEDDED, method: str = D.SCORE_METHOD, probes: int = 0,
+                closed_form: bool = D.PAGE_CLOSED_FORM, trust_remote_code: bool = False) -> dict:
         """Per-expert sensitivity scores (served from the cache when known: cache_hit).
 
         Args:
             source: the model source, as for load_model.
-            method: frobenius | hessian | fisher | frequency.
+            method: a sensitivity method (the `mopeq.core.methods` table).
             probes: Hutchinson probes (0: the method's default, frobenius 100, hessian 64).
             closed_form: frobenius only: the exact value instead of probes.
             trust_remote_code: as for load_model.
@@ -141,12 +142,14 @@ class Api:
         score, cached = st.scores(entry, st.ScoreSpec(method, probes, closed_form))
         return {**score.to_json(), "cache_hit": cached, "layers": entry.layout.moe_layers}
 
-    def allocate(self, source: str = "embedded", score_method: str = "frobenius",
-                 method: str = "kmeans", clusters: int = 3, bits: list[int] | None = None,
-                 scope: str = "model", log_scores: bool = False, target_bits: float = 3.0,
-                 uniform_bits: int = 4, group_size: int = 128, base_bits: int = 4,
-                 snap: str = "none", probes: int = 0, closed_form: bool = True,
-                 trust_remote_code: bool = False) -> dict:
+    def allocate(self, source: str = st.EMBEDDED, score_method: str = D.SCORE_METHOD,
+                 method: str = D.ALLOC_METHOD, clusters: int = D.CLUSTERS,
+                 bits: list[int] | None = None, scope: str = D.SCOPE, log_scores: bool = False,
+                 target_bits: float = D.TARGET_BITS, uniform_bits: int = D.UNIFORM_BITS,
+                 group_size: int = D.GROUP_SIZE, base_bits: int = D.BASE_BITS,
+                 snap: str = "none", probes: int = 0, closed_form: bool = D.PAGE_CLOSED_FORM,
+                 trust_remote_code: bool = False, target_gb: float | None = None,
+                 seed: int = D.SEED) -> dict:
         """Bits per expert and the memory estimate (bits, avg_bits, deployable_fused, memory).
 
         Also ``judge_method`` (the sensitivities the predicted loss weighs errors by; never
@@ -168,9 +171,12 @@ class Api:
             probes: the scores' probes, as for profile.
             closed_form: the scores' closed form, as for profile.
             trust_remote_code: as for load_model.
+            target_gb: budget only: the total size in GB (instead of target_bits).
+            seed: the allocation's seed (random, k-means initialisation).
         """
         settings = st.AllocSettings.of(method, clusters, bits, scope, log_scores, target_bits,
-                                       uniform_bits, group_size, base_bits, snap)
+                                       uniform_bits, group_size, base_bits, snap, seed,
+                                       target_gb)
         entry, score = self._setup(source, trust_remote_code, score_method, probes,
                                    closed_form, settings)
         judged = view.judge_method(score_method, settings.method)
@@ -181,14 +187,16 @@ class Api:
                 "warnings": [note.strip().replace("*", "").lstrip("⚠ ")] if note else [],
                 "clusters": alloc.bitmap.clusters_table(score.scores)}
 
-    def quantize_evaluate(self, source: str = "embedded", score_method: str = "frobenius",
-                          method: str = "kmeans", clusters: int = 3,
-                          bits: list[int] | None = None, scope: str = "model",
-                          log_scores: bool = False, target_bits: float = 3.0,
-                          uniform_bits: int = 4, group_size: int = 128, base_bits: int = 4,
-                          snap: str = "none", mode: str = "rtn", pairs: int = 50,
-                          probes: int = 0, closed_form: bool = True,
-                          trust_remote_code: bool = False, seed: int = 0) -> dict:
+    def quantize_evaluate(self, source: str = st.EMBEDDED, score_method: str = D.SCORE_METHOD,
+                          method: str = D.ALLOC_METHOD, clusters: int = D.CLUSTERS,
+                          bits: list[int] | None = None, scope: str = D.SCOPE,
+                          log_scores: bool = False, target_bits: float = D.TARGET_BITS,
+                          uniform_bits: int = D.UNIFORM_BITS, group_size: int = D.GROUP_SIZE,
+                          base_bits: int = D.BASE_BITS, snap: str = "none",
+                          mode: str = D.QUANT_MODE, pairs: int = D.QUICK_PAIRS, probes: int = 0,
+                          closed_form: bool = D.PAGE_CLOSED_FORM,
+                          trust_remote_code: bool = False, seed: int = D.SEED,
+                          target_gb: float | None = None) -> dict:
         """Quantize with the allocation, then evaluate baseline and quantized on quick MME.
 
         Args:
@@ -209,10 +217,13 @@ class Api:
             probes: as for allocate.
             closed_form: as for allocate.
             trust_remote_code: as for load_model.
-            seed: tuned mode: SignRound's seed (same settings and seed, same run).
+            seed: the run's seed: the allocation's (as for allocate) and, in tuned mode,
+                SignRound's (same settings and seed, same run).
+            target_gb: as for allocate.
         """
         settings = st.AllocSettings.of(method, clusters, bits, scope, log_scores, target_bits,
-                                       uniform_bits, group_size, base_bits, snap)
+                                       uniform_bits, group_size, base_bits, snap, seed,
+                                       target_gb)
         entry, score = self._setup(source, trust_remote_code, score_method, probes,
                                    closed_form, settings)
         alloc = st.allocation(entry, score, settings, with_pareto=False)

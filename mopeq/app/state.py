@@ -1,8 +1,8 @@
 """App-only helpers: the shared model cache, per-session state, and the calls the app makes.
 
-Nothing here imports gradio or does numerics: it turns the app's control values into the
-library's configs, calls ``workflow.pipeline``, and shapes results into tables. ``app.py`` wires
-these to the page and to the public API endpoints.
+Nothing here imports gradio or does numerics: it turns the app's control values into a
+``RunSpec`` and calls the entry's ``Workspace`` (the stages); ``mopeq.app.tables`` shapes the
+results. ``app.py`` wires these to the page and to the public API endpoints.
 
 Sharing rules (several users, one process):
 
@@ -29,20 +29,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mopeq.app.settings import AllocSettings, ScoreSpec
+from mopeq.app.tables import (  # noqa: F401  (the page reads them as ``st.<name>``)
+    CLUSTER_COLUMNS,
+    REPORT_COLUMNS,
+    RUN_COLUMNS,
+    category_table,
+    clusters_table,
+    layout_table,
+    report_summary,
+    report_table,
+    run_file_prefix,
+    run_group,
+    run_summary,
+    runs_table,
+    scores_frame,
+    tradeoff_points,
+)
 from mopeq.app.view import Drawn
+from mopeq.core import defaults as D
 from mopeq.core import methods
+from mopeq.workflow.spec import RunSpec
+from mopeq.workflow.workspace import EXPORT_SNIPPETS, Workspace
 
 if TYPE_CHECKING:
-    import pandas as pd
-
-    from mopeq.allocation.allocate import AllocConfig
     from mopeq.model.loading import LoadedModel
     from mopeq.model.moe import MoELayout
-    from mopeq.sensitivity.profile import ProfileConfig, Scores
-    from mopeq.workflow.pipeline import Allocation, Run
+    from mopeq.sensitivity.profile import Scores
+    from mopeq.workflow.workspace import Allocation, Run
 
 Progress = Callable[[float, str], None]
-EMBEDDED = "embedded"
+EMBEDDED = D.MODEL_SOURCE
 # the libraries' method names (tests check they match), here to keep ``import app`` light
 SCORE_METHODS = methods.NAMES  # the torch-free method table, as mopeq.sensitivity.profile.METHODS
 ALLOC_METHODS = ("kmeans", "budget", "uniform", "frequency", "random")  # allocate.METHODS
@@ -58,79 +75,6 @@ def _noop(_f: float, _m: str) -> None:
     pass
 
 
-# ------------------------------------------------------------------------ settings
-
-
-@dataclass(frozen=True)
-class ScoreSpec:
-    """Which sensitivity to compute: a method and its probe settings."""
-
-    method: str = "frobenius"
-    probes: int = 0  # 0: the method's default (frobenius 100, hessian 64)
-    closed_form: bool = True  # frobenius: the exact value of its Hutchinson estimate
-
-    def config(self) -> ProfileConfig:
-        """The library's ``ProfileConfig`` (validated there)."""
-        from mopeq.sensitivity.profile import METHODS, ProfileConfig
-
-        if self.method not in METHODS:
-            raise ValueError(f"unknown sensitivity method {self.method!r}; choose one of "
-                             f"{', '.join(METHODS)}")
-        probes = int(self.probes) if self.probes else None
-        return ProfileConfig(probes=probes, closed_form=bool(self.closed_form))
-
-    def key(self) -> tuple:
-        """What determines the scores (the memo key)."""
-        import json
-
-        return self.method, json.dumps(self.config().settings(self.method), sort_keys=True)
-
-
-@dataclass(frozen=True)
-class AllocSettings:
-    """The allocation controls of the page (and of the ``allocate`` API endpoint)."""
-
-    method: str = "kmeans"
-    clusters: int = 3
-    bits: tuple[int, ...] = (2, 3, 4)
-    scope: str = "model"
-    log_scores: bool = False
-    target_bits: float = 3.0
-    uniform_bits: int = 4
-    group_size: int = 128
-    base_bits: int = 4
-    snap: str = "none"  # none | mean | max | min
-    seed: int = 0
-
-    @staticmethod
-    def of(method="kmeans", clusters=3, bits=(2, 3, 4), scope="model", log_scores=False,
-           target_bits=3.0, uniform_bits=4, group_size=128, base_bits=4, snap="none",
-           seed=0) -> AllocSettings:
-        """Build from widget values (floats from sliders, strings from dropdowns, None)."""
-        bits = (2, 3, 4) if bits is None else bits  # None: the default; [] is an error
-        return AllocSettings(str(method), int(clusters), tuple(int(b) for b in bits), str(scope),
-                             bool(log_scores), float(target_bits), int(uniform_bits),
-                             int(group_size), int(base_bits), str(snap or "none"), int(seed))
-
-    def config(self) -> AllocConfig:
-        """The library's ``AllocConfig`` (it validates and names what is wrong)."""
-        from mopeq.allocation.allocate import AllocConfig
-        from mopeq.core.memory import MemoryConfig
-
-        if not self.bits:
-            raise ValueError("no bit width selected: tick at least one of 2, 3, 4, 8")
-        budget = self.method == "budget"
-        return AllocConfig(method=self.method, clusters=self.clusters, bits=self.bits,
-                           scope=self.scope, log_scores=self.log_scores,
-                           target_bits=self.target_bits if budget else None,
-                           uniform_bits=self.uniform_bits, seed=self.seed,
-                           memory=MemoryConfig(self.group_size, self.base_bits))
-
-    def score_method(self, chosen: str) -> str:
-        """The scores this method allocates by (``frequency`` always uses routing counts)."""
-        return "frequency" if self.method == "frequency" else chosen
-
-
 # ------------------------------------------------------------------------ model cache
 
 
@@ -143,6 +87,11 @@ class ModelEntry:
     lock: threading.RLock = field(default_factory=threading.RLock)  # held while the model runs
     memo: OrderedDict = field(default_factory=OrderedDict)
     memo_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def workspace(self) -> Workspace:
+        """The stages over this model (a ``Workspace`` holds no state of its own)."""
+        return Workspace(self.loaded, self.layout)
 
     def remembered(self, key: tuple) -> Any:
         """A memoised value or None."""
@@ -224,11 +173,8 @@ class ModelCache:
 
 
 def _load_entry(source: str, trust_remote_code: bool) -> ModelEntry:
-    from mopeq.model.loading import load_model
-    from mopeq.model.moe import discover
-
-    loaded = load_model(source, trust_remote_code=trust_remote_code)
-    return ModelEntry(loaded, discover(loaded.model))
+    ws = Workspace.open(source, trust_remote_code)
+    return ModelEntry(ws.loaded, ws.layout)
 
 
 # ------------------------------------------------------------------------ session
@@ -317,35 +263,31 @@ def layout_summary(entry: ModelEntry) -> dict:
             **info}
 
 
-def scores(entry: ModelEntry, spec: ScoreSpec,
+def scores(entry: ModelEntry, spec: ScoreSpec | RunSpec,
            on_progress: Progress = _noop) -> tuple[Scores, bool]:
     """Scores by ``spec`` and whether they were already known (memo or disk cache)."""
-    from mopeq.workflow import pipeline
-
-    key = ("scores", *spec.key())
+    run = spec.run_spec() if isinstance(spec, ScoreSpec) else spec
+    key = ("scores", *run.score_key())
     hit = entry.remembered(key)
     if hit is not None:
-        on_progress(1.0, f"{spec.method}: cached")
+        on_progress(1.0, f"{run.score_method}: cached")
         return hit, True
     with entry.running(on_progress):
         hit = entry.remembered(key)  # another session may have computed it while we waited
         if hit is not None:
             return hit, True
-        result = pipeline.sensitivity(entry.loaded, entry.layout, spec.method, spec.config(),
-                                      on_progress=on_progress)
+        result = entry.workspace.profile(run, on_progress=on_progress)
     entry.remember(key, result)
     return result, bool(result.meta.get("cache_hit"))
 
 
 def errors(entry: ModelEntry, bits: tuple[int, ...], group_size: int):
     """Per-expert round-to-nearest errors [L, E, B] (memoised; they only read weights)."""
-    from mopeq.workflow import pipeline
-
     key = ("errors", tuple(sorted(bits)), group_size)
     hit = entry.remembered(key)
     if hit is None:
-        hit = entry.remember(key, pipeline.errors_for(entry.loaded, entry.layout, bits,
-                                                      group_size))
+        spec = RunSpec(bits=tuple(bits), group_size=group_size)
+        hit = entry.remember(key, entry.workspace.errors(spec))
     return hit
 
 
@@ -355,54 +297,37 @@ def allocation(entry: ModelEntry, score: Scores, settings: AllocSettings,
 
     ``judge``: the sensitivities the predicted loss weighs errors by (default ``score``).
     """
-    from mopeq.workflow import pipeline
-
-    config = settings.config()
-    need_errors = with_pareto or config.method == "budget"
-    errs = errors(entry, config.bits, settings.group_size) if need_errors else None
-    snap = None if settings.snap == "none" else settings.snap
-    return pipeline.allocation(score, entry.layout, config, snap=snap, errors=errs,
-                               with_pareto=with_pareto, judge=judge)
+    spec = settings.spec()
+    need_errors = with_pareto or spec.alloc_method == "budget"
+    errs = errors(entry, spec.bits, spec.group_size) if need_errors else None
+    return entry.workspace.allocate(spec, score, errors=errs, with_pareto=with_pareto,
+                                    judge=judge)
 
 
 def bf16_breakdown(entry: ModelEntry) -> dict[str, int]:
     """Bytes per component with every weight in 16 bits (the memory chart's reference)."""
-    from mopeq.core.memory import MemoryConfig, estimate
-
     key = ("bf16",)
     hit = entry.remembered(key)
     if hit is None:
         shape = (entry.layout.num_moe_layers, entry.layout.num_experts)
         full = [[16] * shape[1] for _ in range(shape[0])]
-        hit = entry.remember(key, estimate(entry.layout, full, MemoryConfig(base_bits=16))
-                             .breakdown)
+        hit = entry.remember(key, entry.workspace.memory(RunSpec(base_bits=16), full).breakdown)
     return hit
 
 
 def quantize_evaluate(entry: ModelEntry, alloc: Allocation, settings: AllocSettings,
-                      mode: str = "rtn", pairs: int = 50, label: str | None = None,
-                      on_progress: Progress = _noop, scores: Scores | None = None,
-                      seed: int = 0) -> Run:
+                      mode: str = D.QUANT_MODE, pairs: int = D.QUICK_PAIRS,
+                      label: str | None = None, on_progress: Progress = _noop,
+                      scores: Scores | None = None, seed: int = D.SEED) -> Run:
     """Quantize with ``alloc``'s bits and evaluate baseline and quantized on ``pairs``.
 
     ``scores`` (those ``alloc`` was made from) travel with the run, so its export is whole.
     ``seed`` seeds tuned (SignRound) quantization: the same settings and seed give the same run.
     """
-    from mopeq.quantize.autoround import QuantConfig
-    from mopeq.workflow import pipeline
-
-    qconfig = QuantConfig(mode=mode, group_size=settings.group_size,
-                          base_bits=settings.base_bits, seed=int(seed))
-    pairs = int(pairs)
-    if pairs < 1:
-        raise ValueError(f"pairs must be >= 1, got {pairs}")
+    spec = settings.spec(mode=mode, pairs=int(pairs), quant_seed=int(seed))
     with entry.running(on_progress):
-        calib = pipeline.calibration_texts(entry.loaded) if mode == "tuned" else None
-        run = pipeline.quantize_and_evaluate(entry.loaded, entry.layout, alloc, qconfig,
-                                             pairs=pairs, label=label, calib_texts=calib,
-                                             on_progress=on_progress)
-    run.scores = scores
-    return run
+        return entry.workspace.quantize_evaluate(spec, alloc, label=label, scores=scores,
+                                                 on_progress=on_progress)
 
 
 def sensitivity_quality(entry: ModelEntry, config=None, on_progress: Progress = _noop):
@@ -411,158 +336,8 @@ def sensitivity_quality(entry: ModelEntry, config=None, on_progress: Progress = 
     Minutes on the embedded model (each method's scores come from the cache when known); one
     heavy job at a time, like a quantization.
     """
-    from mopeq.sensitivity.report import ReportConfig, sensitivity_report
-
     with entry.running(on_progress):
-        return sensitivity_report(entry.loaded, config or ReportConfig(), on_progress)
-
-
-REPORT_COLUMNS = ("method", "spearman", "spearman_ci", "spearman_heldout", "seed_reliability",
-                  "split_half", "wall_s", "answer_kl@2.5", "answer_kl@3.0")
-
-
-def report_table(report) -> pd.DataFrame:
-    """The report's main columns, one row per method (what the page shows)."""
-    frame = report.frame()
-    return frame[[c for c in REPORT_COLUMNS if c in frame.columns]]
-
-
-def report_summary(report) -> str:
-    """One paragraph: the best-ranking method and where the paper's score stands."""
-    rows = [r for r in report.rows if r["method"] != report.reference]
-    if not rows:
-        return "Only the reference was computed."
-    best = max(rows, key=lambda r: r["spearman"])
-    text = (f"Best ranking against `{report.reference}`: **{best['method']}** (Spearman "
-            f"{best['spearman']:.2f}, 95 % CI [{best['spearman_ci'][0]:.2f}, "
-            f"{best['spearman_ci'][1]:.2f}]).")
-    paper = next((r for r in rows if r["method"] == "frobenius"), None)
-    if paper is not None:
-        text += (f" The paper's data-free `frobenius`: {paper['spearman']:.2f} "
-                 f"[{paper['spearman_ci'][0]:.2f}, {paper['spearman_ci'][1]:.2f}]"
-                 + (" — it ranks experts backwards." if paper["spearman_ci"][1] < 0 else "."))
-    return text
-
-
-def run_summary(run: Run, pairs: int) -> dict:
-    """``Run.summary`` with the subset size and the per-category comparison."""
-    per_cat = run.comparison["per_category"]
-    return {**run.summary(), "scores": run.allocation.bitmap.meta.get("scores"),
-            "pairs": int(pairs), "seed": run.quant.config.seed,
-            "comparison": {c: {"baseline": v["baseline"], "quantized": v["other"],
-                               "delta": v["delta"],
-                               "baseline_ci95": run.baseline.per_category[c].get("ci95"),
-                               "quantized_ci95": run.result.per_category[c].get("ci95"),
-                               "delta_ci95": v.get("delta_ci95")}
-                           for c, v in per_cat.items()}}
-
-
-# ------------------------------------------------------------------------ tables & files
-
-
-def layout_table(summary: dict) -> pd.DataFrame:
-    """Parameters by component (components with none are left out), with shares."""
-    import pandas as pd
-
-    params = {k: v for k, v in summary["params"].items() if v and k != "total"}
-    total = summary["params"]["total"]
-    rows = [{"component": k, "parameters": v, "share": f"{v / total:.1%}"}
-            for k, v in params.items()]
-    rows.append({"component": "total", "parameters": total, "share": "100%"})
-    return pd.DataFrame(rows)
-
-
-CLUSTER_COLUMNS = ("cluster", "bits", "experts", "score_min", "score_max", "centroid")
-
-
-def clusters_table(alloc: Allocation, score: Scores) -> pd.DataFrame:
-    """One row per (cluster, bits): experts, score range, centroid."""
-    import pandas as pd
-
-    rows = alloc.bitmap.clusters_table(score.scores)
-    frame = pd.DataFrame(rows, columns=list(CLUSTER_COLUMNS))
-    return _tidy(frame.sort_values(["bits", "cluster"], na_position="first")
-                 .reset_index(drop=True))
-
-
-def category_table(run: Run) -> pd.DataFrame:
-    """Per-category MME scores: baseline, quantized, delta."""
-    import pandas as pd
-
-    from mopeq.evaluation.stats import half_width
-
-    rows = [{"category": c, "baseline": v["baseline"],
-             "baseline ±": half_width(run.baseline.per_category[c].get("ci95")),
-             "quantized": v["other"],
-             "quantized ±": half_width(run.result.per_category[c].get("ci95")),
-             "delta": v["delta"], "delta 95% CI": _interval(v.get("delta_ci95"))}
-            for c, v in run.comparison["per_category"].items()]
-    rows.append({"category": "total", "baseline": run.baseline.score,
-                 "baseline ±": half_width(run.baseline.score_ci95),
-                 "quantized": run.result.score, "quantized ±": half_width(run.result.score_ci95),
-                 "delta": run.result.score - run.baseline.score,
-                 "delta 95% CI": _interval(run.comparison.get("score_delta_ci95"))})
-    return _tidy(pd.DataFrame(rows))
-
-
-def _interval(ci) -> str | None:
-    return None if ci is None else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
-
-
-def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
-    """Floats to four significant digits, for reading (exports keep full precision)."""
-    return frame.map(lambda x: float(f"{x:.4g}") if isinstance(x, float) else x)
-
-
-RUN_COLUMNS = ("label", "scores", "mode", "pairs", "avg_bits", "gb", "ratio_vs_bf16", "score",
-               "score ±", "baseline_score", "delta", "delta 95% CI", "p_value", "kl",
-               "flip_rate", "deployable_fused", "quantize_s")
-
-
-def runs_table(runs: list[dict]) -> pd.DataFrame:
-    """The session's runs, one row each."""
-    import pandas as pd
-
-    from mopeq.evaluation.stats import half_width
-
-    derived = lambda r: {"score ±": half_width(r.get("score_ci95")),  # noqa: E731
-                         "delta 95% CI": _interval(r.get("score_delta_ci95"))}
-    return _tidy(pd.DataFrame([{k: {**r, **derived(r)}.get(k) for k in RUN_COLUMNS}
-                               for r in runs], columns=list(RUN_COLUMNS)))
-
-
-def run_group(summary: dict) -> str:
-    """Allocation method and, where it matters, the scores it used: 'kmeans · hessian'."""
-    uses_scores = summary["method"] in ("kmeans", "budget", "random") and summary.get("scores")
-    return f"{summary['method']} · {summary['scores']}" if uses_scores else summary["method"]
-
-
-def tradeoff_points(runs: list[dict], bf16_gb: float) -> list[dict]:
-    """The runs for ``plots.tradeoff_scatter``, with one baseline point per subset size."""
-    points = [{**r, "method": run_group(r)} for r in runs]
-    for pairs in sorted({r["pairs"] for r in runs}):
-        first = next(r for r in runs if r["pairs"] == pairs)
-        points.append({"method": "baseline", "avg_bits": 16.0, "gb": bf16_gb,
-                       "score": first["baseline_score"],
-                       "score_ci95": first.get("baseline_score_ci95"),
-                       "baseline": True, "label": f"unquantized ({pairs} pairs)"})
-    return points
-
-
-def scores_frame(entry: ModelEntry, score: Scores, bits=None) -> pd.DataFrame:
-    """One row per expert: layer, expert, score, its parts, stderr, tokens, bits."""
-    import pandas as pd
-
-    layers = entry.layout.moe_layers
-    rows = []
-    for i, layer in enumerate(layers):
-        for e in range(score.scores.shape[1]):
-            rows.append({"layer": layer, "expert": e, "score": score.scores[i, e],
-                         **{p: score.per_projection[p][i, e] for p in ("gate", "up", "down")},
-                         "stderr": None if score.stderr is None else score.stderr[i, e],
-                         "tokens": None if score.tokens is None else int(score.tokens[i, e]),
-                         "bits": None if bits is None else int(bits[i][e])})
-    return pd.DataFrame(rows)
+        return entry.workspace.report(config, on_progress)
 
 
 def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None,
@@ -573,8 +348,6 @@ def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None,
     is that run: its scores and bits in the CSV, its recipe JSON, engine snippets and
     quantized checkpoint (a zip), every file named after the run (``run_file_prefix``).
     """
-    from mopeq.quantize.autoround import export
-
     prefix = ""
     if run is not None:
         score = run.scores or score
@@ -584,22 +357,9 @@ def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None,
     files = [str(csv)]
     if run is None:
         return files
-    ckpt = export(run.quant, entry.layout, out / "checkpoint", source=entry.loaded.source,
-                  fingerprint=entry.loaded.fingerprint,
-                  bitmap_json=run.allocation.bitmap.to_json(),
-                  scores_summary={"method": run.allocation.bitmap.meta.get("scores")},
-                  memory=run.allocation.memory.to_json(), processor=entry.loaded.processor)
-    for name in ("recipe.json", "autoround_layer_config.py", "gptqmodel_dynamic.py",
-                 "llama_cpp_tensor_types.txt"):
+    ckpt = entry.workspace.export_run(run, out / "checkpoint")
+    for name in EXPORT_SNIPPETS:
         if (ckpt / name).exists():
             files.append(str(shutil.copy(ckpt / name, out / f"{prefix}{name}")))
     files.append(shutil.make_archive(str(out / f"{prefix}checkpoint"), "zip", ckpt))
     return files
-
-
-def run_file_prefix(label: str) -> str:
-    """File-name prefix of a run's downloads: ``"#2 kmeans · hessian 3.00b"`` -> ``"run2_…_"``."""
-    import re
-
-    slug = re.sub(r"[^A-Za-z0-9.]+", "_", label.replace("#", "run")).strip("_.")
-    return f"{slug[:60]}_" if slug else "run_"

@@ -11,7 +11,6 @@ rate to the baseline (which separate allocations where a small score cannot).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -20,75 +19,68 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from mopeq.allocation.allocate import AllocConfig
+from mopeq.core import defaults as D
 from mopeq.core.memory import MemoryConfig, estimate
 from mopeq.model.loading import LoadedModel
-from mopeq.model.moe import discover
-from mopeq.quantize.autoround import QuantConfig
-from mopeq.sensitivity.profile import ProfileConfig
-from mopeq.workflow import pipeline
+from mopeq.workflow.spec import RunSpec
+from mopeq.workflow.workspace import Workspace, calibration_texts, interval_fields
+
+STUDY_SCORES = ("frobenius", "hessian", "fisher", "frequency", "block_fisher")
 
 
-def _plans(scores: dict, mem: MemoryConfig) -> list[tuple[str, AllocConfig, str]]:
-    """(label, allocation config, scores key) for every fixed row of the study."""
-    cfg = lambda **kw: AllocConfig(memory=mem, **kw)  # noqa: E731
-    rows = [(f"uniform {b}-bit", cfg(method="uniform", uniform_bits=b), "frobenius")
+def _plans(scores: dict, base: RunSpec) -> list[tuple[str, RunSpec, str]]:
+    """(label, allocation spec, scores key) for every fixed row of the study."""
+    cfg = base.replace
+    rows = [(f"uniform {b}-bit", cfg(alloc_method="uniform", uniform_bits=b), "frobenius")
             for b in (4, 3, 2)]
     for name in ("frobenius", "hessian"):
         for scope in ("model", "layer"):
             rows.append((f"MoPEQ {name} {scope}-wise", cfg(scope=scope), name))
-    rows.append(("MoPEQ fisher model-wise", cfg(), "fisher"))
+    rows.append(("MoPEQ fisher model-wise", base, "fisher"))
     for name in ("hessian", "fisher"):  # log scores need positive traces (hessian may not be)
         if name in scores and (scores[name].scores > 0).all():
             rows.append((f"MoPEQ {name} model-wise, log scores", cfg(log_scores=True), name))
-    rows.append(("frequency k-means model-wise", cfg(method="frequency"), "frequency"))
+    rows.append(("frequency k-means model-wise", cfg(alloc_method="frequency"), "frequency"))
     return [r for r in rows if r[2] in scores]
 
 
-def run_study(loaded: LoadedModel, pairs: int | None = None, seed: int = 0,
-              out_dir: str | Path = "study", random_seeds: int = 5, group_size: int = 128,
-              base_bits: int = 4, with_autoscheme: bool = True,
+def run_study(loaded: LoadedModel, pairs: int | None = None, seed: int = D.SEED,
+              out_dir: str | Path = D.STUDY_DIR, random_seeds: int = D.RANDOM_SEEDS,
+              group_size: int = D.GROUP_SIZE, base_bits: int = D.BASE_BITS,
+              with_autoscheme: bool = True,
               on_progress: Callable[[float, str], None] | None = None) -> str:
     """Run every row, write ``study.csv``, ``study.md``, ``study.json``, ``study.html``.
 
     Returns the markdown table.
     """
     progress = on_progress or (lambda _f, _m: None)
-    layout = discover(loaded.model)
-    mem = MemoryConfig(group_size=group_size, base_bits=base_bits)
-    qconf = QuantConfig(group_size=group_size, base_bits=base_bits)
-    progress(0.0, "sensitivities (frobenius, hessian, fisher, frequency, block_fisher)")
-    scores = {m: pipeline.sensitivity(loaded, layout, m, ProfileConfig())
-              for m in ("frobenius", "hessian", "fisher", "frequency", "block_fisher")}
-    errors = pipeline.errors_for(loaded, layout, (2, 3, 4), group_size)
+    ws = Workspace(loaded)
+    base = RunSpec(group_size=group_size, base_bits=base_bits, pairs=pairs, eval_seed=seed)
+    progress(0.0, f"sensitivities ({', '.join(STUDY_SCORES)})")
+    # the scores at the default group size, as the study always had them (block_fisher's RTN)
+    scores = {m: ws.profile(RunSpec(score_method=m)) for m in STUDY_SCORES}
+    errors = ws.errors(base)
     runs: list[dict] = []
-    base = pipeline.baseline_evaluation(loaded, "synthetic", pairs, seed)
-    runs.append(_baseline_row(base, layout, mem))
+    baseline = ws.baseline(base)
+    runs.append(_baseline_row(baseline, ws.layout, base.memory_config()))
 
-    def run(label, alloc):
+    def run(label, spec, score, **kw):
         progress(len(runs) / (14 + random_seeds), label)
-        r = pipeline.quantize_and_evaluate(loaded, layout, alloc, qconf, pairs=pairs,
-                                           seed=seed, label=label)
+        r = ws.quantize_evaluate(spec, ws.allocate(spec, score, **kw), label=label)
         runs.append(r.summary())
         return r
 
-    fixed = {}
-    for label, config, key in _plans(scores, mem):
-        fixed[label] = run(label, pipeline.allocation(scores[key], layout, config))
+    fixed = {label: run(label, spec, scores[key]) for label, spec, key in _plans(scores, base)}
     ref = fixed["MoPEQ frobenius model-wise"].allocation
     for s in range(random_seeds):
-        alloc = pipeline.allocation(scores["frobenius"], layout,
-                                    AllocConfig(method="random", seed=s, memory=mem),
-                                    reference=ref.bitmap)
-        run(f"random (seed {s})", alloc)
-    budget = AllocConfig(method="budget", target_gb=ref.memory.gb, memory=mem)
-    run("budget hessian x RTN error, same GB",
-        pipeline.allocation(scores["hessian"], layout, budget, errors=errors))
-    run("budget block_fisher (its own errors), same GB",  # the recommended data-aware method
-        pipeline.allocation(scores["block_fisher"], layout, budget))
+        run(f"random (seed {s})", base.replace(alloc_method="random", seed=s),
+            scores["frobenius"], reference=ref.bitmap)
+    budget = base.replace(alloc_method="budget", target_gb=ref.memory.gb)
+    run("budget hessian x RTN error, same GB", budget, scores["hessian"], errors=errors)
+    # the recommended data-aware method, by its own errors
+    run("budget block_fisher (its own errors), same GB", budget, scores["block_fisher"])
     if with_autoscheme:
-        runs.append(_autoscheme_row(loaded, layout, ref.bitmap.avg_bits, qconf, mem, base,
-                                    pairs, seed))
+        runs.append(_autoscheme_row(ws, base, ref.bitmap.avg_bits, baseline))
     progress(1.0, "writing tables")
     return _write(runs, Path(out_dir), random_seeds)
 
@@ -103,15 +95,17 @@ def _baseline_row(base, layout, mem: MemoryConfig) -> dict:
             "score_delta_ci95": [0.0, 0.0], "p_value": 1.0}
 
 
-def _autoscheme_row(loaded, layout, avg_bits, qconf, mem, base, pairs, seed) -> dict:
-    from mopeq.evaluation.evaluate import compare, run_evaluation
+def _autoscheme_row(ws: Workspace, spec: RunSpec, avg_bits: float, base) -> dict:
+    """auto-round's own search at ``avg_bits``, evaluated like every other row."""
+    from mopeq.evaluation.evaluate import compare
     from mopeq.quantize.autoround import autoscheme
 
-    texts = pipeline.calibration_texts(loaded, n=32)
-    bits, result = autoscheme(loaded.model, layout, avg_bits, qconf, loaded.processor, texts)
-    qloaded = dataclasses.replace(loaded, model=result.model, fingerprint="quantized")
-    ev = run_evaluation(qloaded, "synthetic", pairs=pairs, seed=seed)
-    est = estimate(layout, bits, mem)
+    loaded, layout = ws.loaded, ws.layout
+    texts = calibration_texts(loaded, n=32)
+    bits, result = autoscheme(loaded.model, layout, avg_bits, spec.quant_config(),
+                              loaded.processor, texts)
+    ev = ws.evaluate(spec, result)
+    est = ws.memory(spec, bits)
     numel = np.array([e.numel for e in layout.experts], dtype=float).reshape(bits.shape)
     cmp = compare(base, ev)
     return {"label": "auto-round AutoScheme (peer), same avg bits", "method": "autoscheme",
@@ -121,7 +115,7 @@ def _autoscheme_row(loaded, layout, avg_bits, qconf, mem, base, pairs, seed) -> 
             "per_category": {c: v["score"] for c, v in ev.per_category.items()},
             "quantize_s": round(result.elapsed_s, 2), "mode": "rtn",
             "deployable_fused": bool((bits == bits[:, :1]).all()),
-            **pipeline.interval_fields(SimpleNamespace(baseline=base, result=ev, comparison=cmp))}
+            **interval_fields(SimpleNamespace(baseline=base, result=ev, comparison=cmp))}
 
 
 INTERVAL_COLUMNS = ("total lo", "total hi", "delta lo", "delta hi")
