@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mopeq.core.layout import PROJECTIONS
 from mopeq.embedded import tiny
 from mopeq.model import moe
 from mopeq.model.loading import EMBEDDED_DIR, load_model  # noqa: E402
@@ -95,7 +96,7 @@ def bench_frobenius(model, layout, repeats: int) -> dict:
             "max_rel_diff": float(np.max(np.abs(hutch.scores / closed.scores - 1))),
             "max_rel_diff_per_projection": float(max(
                 np.max(np.abs(hutch.per_projection[p] / closed.per_projection[p] - 1))
-                for p in moe.PROJECTIONS))}
+                for p in PROJECTIONS))}
 
 
 def bench_methods(model, layout, data) -> dict:

@@ -1,10 +1,14 @@
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from mopeq.core.layout import ExpertInfo, MoEBlock, MoELayout, TensorInfo
 from mopeq.core.memory import (
     BREAKDOWN,
     LayoutArrays,
@@ -15,7 +19,7 @@ from mopeq.core.memory import (
     quantizable,
     storage_bits,
 )
-from mopeq.model.moe import ExpertInfo, MoEBlock, MoELayout, TensorInfo, discover
+from mopeq.model.moe import discover
 from tests.helpers import tiny_lm
 
 EXTRA_TENSORS = (
@@ -219,3 +223,13 @@ def test_deepseek_v3_scale_numbers():
     assert est.total_params == 671_026_404_352
     assert est.avg_bits_experts == pytest.approx(4 + 20 / 128)
     assert 340e9 < est.total_bytes < 360e9
+
+
+def test_numeric_core_imports_no_torch():
+    """The layout, memory, method table and allocation math load without torch."""
+    code = ("import sys; import mopeq.core.layout, mopeq.core.memory, mopeq.core.methods, "
+            "mopeq.allocation.allocate; print(sorted(m for m in sys.modules "
+            "if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]", out.stdout

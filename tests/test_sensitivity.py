@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 
+from mopeq.core.layout import PROJECTIONS
 from mopeq.embedded import tiny
 from mopeq.model import moe
-from mopeq.model.moe import PROJECTIONS, expert_weights
+from mopeq.model.moe import expert_weights
 from mopeq.sensitivity import calibration as C
 from mopeq.sensitivity.profile import ProfileConfig, Scores, profile
 from tests.helpers import list_moe_from_fused, tiny_lm

@@ -49,6 +49,7 @@ from mopeq.allocation.knapsack import DP_MAX_CELLS, DP_MAX_ITEMS, SOLVERS, _hull
 from mopeq.allocation.loss_model import loss_table, method_errors
 from mopeq.allocation.qerror import quant_errors, rtn
 from mopeq.core import defaults as D
+from mopeq.core.layout import MoELayout
 from mopeq.core.memory import (
     FP_BITS,
     LayoutArrays,
@@ -57,7 +58,6 @@ from mopeq.core.memory import (
     expert_cost_table,
     fixed_bits,
 )
-from mopeq.model.moe import MoELayout
 
 METHODS = ("kmeans", "budget", "uniform", "frequency", "random")
 SCOPES = ("model", "layer")

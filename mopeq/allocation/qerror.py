@@ -11,8 +11,8 @@ from collections.abc import Callable
 import numpy as np
 
 from mopeq.core import cache
+from mopeq.core.layout import MoELayout
 from mopeq.core.memory import FP_BITS, LayoutArrays, bit_set, quantizable
-from mopeq.model.moe import MoELayout
 
 QUANT_ERRORS_VERSION = 1
 

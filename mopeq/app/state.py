@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from mopeq.allocation.allocate import AllocConfig
+    from mopeq.core.layout import MoELayout
     from mopeq.model.loading import LoadedModel
-    from mopeq.model.moe import MoELayout
     from mopeq.sensitivity.profile import ProfileConfig, Scores
     from mopeq.workflow.pipeline import Allocation, Run
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mopeq.core import defaults as D
-from mopeq.model.moe import MoELayout
+from mopeq.core.layout import MoELayout
 
 FP_BITS = 16
 # bits per element of a tensor kept unquantized, by its stored dtype (default: 16-bit floats)
@@ -90,7 +90,7 @@ def bit_set(bits) -> tuple[int, ...]:
 
 
 def takes_base_bits(tensor) -> bool:
-    """Whether a non-expert tensor (``moe.TensorInfo``) is asked for the base bits.
+    """Whether a non-expert tensor (``layout.TensorInfo``) is asked for the base bits.
 
     The one rule shared by the estimate and ``quantize.layer_config``: a 2-D ``nn.Linear``
     weight of a component in ``BASE_COMPONENTS``; everything else stays in its stored dtype.

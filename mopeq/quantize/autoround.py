@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from mopeq.core import defaults as D
+from mopeq.core.layout import PROJECTIONS, MoELayout
 from mopeq.core.memory import quantizable, takes_base_bits
-from mopeq.model.moe import PROJECTIONS, STORED_DTYPES_ATTR, MoELayout
+from mopeq.model.moe import STORED_DTYPES_ATTR
 from mopeq.quantize.snippets import (  # noqa: F401 - re-exported: the export's public API
     GGML_TYPES,
     gptq_dynamic,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mopeq.model.moe import PROJECTIONS
+from mopeq.core.layout import PROJECTIONS
 
 GGML_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0", 16: "f16"}
 EXPERT_MODULE = re.compile(r"^(?P<experts>.+\.experts)\.\d+\.[^.]+$")

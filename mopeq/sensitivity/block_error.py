@@ -42,7 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mopeq.model.moe import MoEBlock, MoELayout, expert_weights, text_config
+from mopeq.core.layout import MoEBlock, MoELayout
+from mopeq.model.moe import expert_weights, text_config
 from mopeq.sensitivity.calibration import IGNORE, _token_mask, eval_kernels, model_inputs
 from mopeq.sensitivity.expert_quant import expert_quantized
 

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mopeq.core.layout import MoELayout
 from mopeq.embedded import synthetic
-from mopeq.model.moe import MoELayout, text_config
+from mopeq.model.moe import text_config
 
 DATA_VERSION = 1
 IGNORE = -100

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mopeq.model.moe import PROJECTIONS, MoEBlock, MoELayout
+from mopeq.core.layout import PROJECTIONS, MoEBlock, MoELayout
 from mopeq.sensitivity.block_error import _block_error, _block_fisher
 from mopeq.sensitivity.calibration import batch_loss, expert_grad_mode, route_counts
 from mopeq.sensitivity.measured import _measured

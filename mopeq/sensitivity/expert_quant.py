@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from mopeq.allocation.qerror import rtn
+from mopeq.core.layout import MoELayout
 from mopeq.core.memory import FP_BITS, quantizable
-from mopeq.model.moe import MoELayout, expert_weights
+from mopeq.model.moe import expert_weights
 
 
 def quantized(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:

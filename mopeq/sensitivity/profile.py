@@ -55,9 +55,9 @@ from torch import nn
 
 from mopeq.core import cache, methods
 from mopeq.core import defaults as D
+from mopeq.core.layout import PROJECTIONS, MoELayout
 from mopeq.core.memory import bit_set
 from mopeq.model.loading import fingerprint_model
-from mopeq.model.moe import PROJECTIONS, MoELayout
 from mopeq.sensitivity.calibration import CalibData
 from mopeq.sensitivity.estimators import ESTIMATORS
 

@@ -24,10 +24,10 @@ from mopeq.allocation.allocate import (
     snap_per_layer,
 )
 from mopeq.core import cache
+from mopeq.core.layout import MoELayout
 from mopeq.core.memory import MemoryEstimate, estimate
 from mopeq.evaluation.evaluate import EvalResult, compare, run_evaluation, with_intervals
 from mopeq.model.loading import LoadedModel
-from mopeq.model.moe import MoELayout
 from mopeq.quantize.autoround import QuantConfig, QuantResult, quantize
 from mopeq.sensitivity.profile import ProfileConfig, Scores, profile
 
