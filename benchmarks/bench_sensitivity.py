@@ -28,7 +28,7 @@ from mopeq.core.layout import PROJECTIONS
 from mopeq.embedded import tiny
 from mopeq.model import moe
 from mopeq.model.loading import EMBEDDED_DIR, load_model  # noqa: E402
-from mopeq.sensitivity.profile import ProfileConfig, calibration, estimators, profile  # noqa: E402  # noqa: E402
+from mopeq.sensitivity.profile import ProfileConfig, calibration, profile  # noqa: E402  # noqa: E402
 
 
 def load(which: str):
@@ -52,7 +52,7 @@ def best_of(repeats: int, fn) -> float:
 
 def pyhessian_loop(model, layout, batch, probes: int, seed: int = 0) -> float:
     """Global Hutchinson trace: one shared graph, one HVP per probe, one global dot product."""
-    params = [p for b in layout.blocks for p in estimators._block_params(model, b)]
+    params = [p for b in layout.blocks for p in moe.block_params(model, b)]
     gen = torch.Generator().manual_seed(seed)
     trace = 0.0
     with calibration.expert_grad_mode(model, params):

@@ -49,7 +49,7 @@ from mopeq.allocation.knapsack import DP_MAX_CELLS, DP_MAX_ITEMS, SOLVERS, _hull
 from mopeq.allocation.loss_model import loss_table, method_errors
 from mopeq.allocation.qerror import quant_errors, rtn
 from mopeq.core import defaults as D
-from mopeq.core.layout import MoELayout
+from mopeq.core.layout import MoELayout, bitmap_array, deployable_fused
 from mopeq.core.memory import (
     FP_BITS,
     LayoutArrays,
@@ -178,7 +178,7 @@ class BitMap:
     @property
     def deployable_fused(self) -> bool:
         """Whether every layer's experts share one width (loadable by vLLM, llama.cpp, ...)."""
-        return bool((self.bits == self.bits[:, :1]).all())
+        return deployable_fused(self.bits)
 
     @property
     def bit_counts(self) -> dict[int, int]:
@@ -244,11 +244,7 @@ def scores_array(scores, layout: MoELayout) -> np.ndarray:
     Raises:
         ValueError: on a shape that does not match the layout or non-finite values.
     """
-    s = _as_array(scores)
-    shape = LayoutArrays.of(layout).shape
-    if s.shape != tuple(shape):
-        raise ValueError(f"scores have shape {s.shape}, the layout needs {tuple(shape)} "
-                         "(MoE layers x experts)")
+    s = bitmap_array(_as_array(scores), layout, "scores")
     if not np.isfinite(s).all():
         raise ValueError(f"scores hold {int((~np.isfinite(s)).sum())} non-finite values")
     return s

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mopeq.core import defaults as D
-from mopeq.core.layout import MoELayout
+from mopeq.core.layout import MoELayout, bitmap_array
 
 FP_BITS = 16
 # bits per element of a tensor kept unquantized, by its stored dtype (default: 16-bit floats)
@@ -319,14 +319,6 @@ class MemoryEstimate:
         return out
 
 
-def _bits_array(bitmap, shape: tuple[int, int]) -> np.ndarray:
-    bits = np.asarray(getattr(bitmap, "bits", bitmap))
-    if bits.shape != tuple(shape):
-        raise ValueError(f"bit map has shape {bits.shape}, the layout needs {tuple(shape)} "
-                         "(MoE layers x experts)")
-    return bits.astype(np.int64, copy=False)
-
-
 def expert_cost_table(layout: MoELayout, bits: tuple[int, ...],
                       config: MemoryConfig) -> np.ndarray:
     """[L, E, B] storage bits of each routed expert at each width of ``bits``."""
@@ -362,7 +354,7 @@ def estimate(layout: MoELayout, bitmap, config: MemoryConfig | None = None) -> M
     config = config or MemoryConfig()
     arrays = LayoutArrays.of(layout)
     terms = arrays.terms(config.group_size)
-    bits = _bits_array(bitmap, arrays.shape)
+    bits = bitmap_array(bitmap, layout).astype(np.int64, copy=False)
     e_bits, e_q = terms.bits(bits), bits < FP_BITS
     t_bits, t_numel = tensor_bits(arrays, config), arrays.t_out * arrays.t_in
     t_q = _tensor_quantized(arrays, config)

@@ -180,9 +180,8 @@ def _experts(block: MoEBlock, params: dict, modules: dict, model: nn.Module) -> 
         if block.fused:
             key = f"{block.experts_path}.gate_up_proj"
             gu = params[key]
-            h, two_i = gu.shape[1:] if block.transposed else gu.shape[:0:-1]
-            i = two_i // 2
-            shapes = {"gate": (i, h), "up": (i, h), "down": (h, i)}
+            views = _fused_expert(block, gu, params[f"{block.experts_path}.down_proj"], e)
+            shapes = {p: tuple(t.shape) for p, t in views.items()}
         else:
             mods = [modules[f"{block.experts_path}.{e}.{n}"] for n in block.proj_names]
             shapes = {p: (m.out_features, m.in_features)
@@ -263,16 +262,52 @@ def _component(name: str, p, blocks, spec: ArchSpec) -> str:
 # --------------------------------------------------------------------------- access
 
 
+def block_params(model: nn.Module, block: MoEBlock) -> list[torch.Tensor]:
+    """The block's expert parameters as stored: fused (gate_up, down), or 3 weights per expert."""
+    experts = model.get_submodule(block.experts_path)
+    if block.fused:
+        return [experts.gate_up_proj, experts.down_proj]
+    return [getattr(experts[e], n).weight for e in range(block.num_experts)
+            for n in block.proj_names]
+
+
+def canonical(block: MoEBlock, tensors) -> dict[str, torch.Tensor]:
+    """Tensors aligned with ``block_params`` -> projection -> [E, out, in] (views when fused).
+
+    The one reader of the fused layouts: gate rows then up rows in ``gate_up_proj``, and Aria's /
+    Llama4's transposed storage.
+    """
+    if not block.fused:
+        return {p: torch.stack(list(tensors[i::3])) for i, p in enumerate(PROJECTIONS)}
+    gate_up, down = tensors
+    if block.transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    i = gate_up.shape[1] // 2
+    return {"gate": gate_up[:, :i], "up": gate_up[:, i:], "down": down}
+
+
+def from_canonical(block: MoEBlock, parts: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of ``canonical``: projection -> [E, out, in] back to ``block_params`` order."""
+    if not block.fused:
+        return [parts[p][e] for e in range(block.num_experts) for p in PROJECTIONS]
+    gate_up, down = torch.cat([parts["gate"], parts["up"]], 1), parts["down"]
+    if block.transposed:
+        gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+    return [gate_up, down]
+
+
+def _fused_expert(block: MoEBlock, gate_up: torch.Tensor, down: torch.Tensor,
+                  expert: int) -> dict[str, torch.Tensor]:
+    """One expert's [out, in] views of a fused block's stored tensors."""
+    parts = canonical(block, [gate_up[expert:expert + 1], down[expert:expert + 1]])
+    return {p: t[0] for p, t in parts.items()}
+
+
 def expert_weights(model: nn.Module, layout: MoELayout, row: int, expert: int) -> dict:
     """The expert's three weight matrices as 2-D [out, in] tensors (views where possible)."""
     block = layout.blocks[row]
     if block.fused:
-        experts = model.get_submodule(block.experts_path)
-        gu, dn = experts.gate_up_proj[expert], experts.down_proj[expert]
-        if block.transposed:
-            gu, dn = gu.t(), dn.t()
-        i = gu.shape[0] // 2
-        return {"gate": gu[:i], "up": gu[i:], "down": dn}
+        return _fused_expert(block, *block_params(model, block), expert)
     info = layout.expert(row, expert)
     return {p: model.get_submodule(info.modules[p]).weight for p in PROJECTIONS}
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mopeq.core import defaults as D
-from mopeq.core.layout import PROJECTIONS, MoELayout
+from mopeq.core.layout import PROJECTIONS, MoELayout, bitmap_array, deployable_fused
 from mopeq.core.memory import quantizable, takes_base_bits
 from mopeq.model.moe import STORED_DTYPES_ATTR
 from mopeq.quantize.snippets import (  # noqa: F401 - re-exported: the export's public API
@@ -96,11 +96,7 @@ def check_bitmap(layout: MoELayout, bits: np.ndarray) -> np.ndarray:
     Raises:
         ValueError: wrong shape (a bit map of another model) or unsupported widths.
     """
-    bits = np.asarray(bits)
-    want = (layout.num_moe_layers, layout.num_experts)
-    if bits.shape != want:
-        raise ValueError(f"bit map has shape {bits.shape}, but this model has {want[0]} MoE "
-                         f"layers x {want[1]} experts: was it made for another model?")
+    bits = bitmap_array(bits, layout)
     bad = sorted(set(np.unique(bits).tolist()) - set(SUPPORTED_BITS))
     if bad:
         raise ValueError(f"unsupported bit widths {bad}: auto-round exports {SUPPORTED_BITS}")
@@ -330,8 +326,6 @@ def build_recipe(result: QuantResult, layout: MoELayout, *, source: str, fingerp
                  bitmap_json: dict, scores_summary: dict | None, memory: dict | None) -> dict:
     """The plain JSON recipe: everything needed to reproduce or convert the choice."""
     _, prefix = quant_root(result.model)
-    bits = np.asarray(bitmap_json["bits"])
-    per_layer = [sorted(set(row.tolist())) for row in bits]
     return {
         "mopeq_recipe": 1,
         "model": {"source": source, "fingerprint": fingerprint, "model_type": layout.model_type},
@@ -342,7 +336,7 @@ def build_recipe(result: QuantResult, layout: MoELayout, *, source: str, fingerp
         "allocation": {**bitmap_json, "layers": layout.moe_layers},
         "scores": scores_summary or {},
         "memory": memory or {},
-        "deployable_fused": all(len(s) == 1 for s in per_layer),
+        "deployable_fused": deployable_fused(bitmap_json["bits"]),
         "quantize_seconds": round(result.elapsed_s, 2),
     }
 
