@@ -138,7 +138,7 @@ def _read_scores(path: str):
 
 
 def _read_bitmap(path: str):
-    from mopeq.allocation.allocate import BitMap
+    from mopeq.allocation.bitmap import BitMap
 
     d = _read_json(path)
     if "bits" not in d:

@@ -6,19 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from mopeq.allocation.allocate import (
-    AllocConfig,
-    BitMap,
-    allocate,
-    kmeans_1d,
-    pareto,
-    predicted_loss,
-    quant_errors,
-    rtn,
-    snap_per_layer,
-    solve_mckp,
-    spread,
-)
+from mopeq.allocation.allocate import AllocConfig, allocate
+from mopeq.allocation.bitmap import BitMap, snap_per_layer
+from mopeq.allocation.budget import pareto, predicted_loss
+from mopeq.allocation.kmeans import kmeans_1d, spread
+from mopeq.allocation.knapsack import solve_mckp
+from mopeq.allocation.qerror import quant_errors, rtn
 from mopeq.core.memory import MemoryConfig, estimate
 from mopeq.model.moe import discover
 from tests.helpers import list_moe_from_fused, tiny_lm

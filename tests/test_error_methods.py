@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mopeq.allocation.allocate import AllocConfig, allocate, predicted_loss
+from mopeq.allocation.allocate import AllocConfig, allocate
+from mopeq.allocation.budget import predicted_loss
 from mopeq.allocation.qerror import rtn
 from mopeq.core import methods
 from mopeq.model import moe

@@ -14,15 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mopeq.allocation.allocate import (
-    AllocConfig,
-    BitMap,
-    allocate,
-    pareto,
-    predicted_loss,
-    quant_errors,
-    snap_per_layer,
-)
+from mopeq.allocation.allocate import AllocConfig, allocate
+from mopeq.allocation.bitmap import BitMap, snap_per_layer
+from mopeq.allocation.budget import pareto, predicted_loss
+from mopeq.allocation.qerror import quant_errors
 from mopeq.core import cache
 from mopeq.core.layout import MoELayout
 from mopeq.core.memory import MemoryEstimate, estimate
