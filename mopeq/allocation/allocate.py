@@ -15,23 +15,20 @@ The dispatcher and its validated config. Methods (``AllocConfig.method``), each 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mopeq.allocation.baselines import random_map, uniform_map
 from mopeq.allocation.bitmap import AllocInputs, BitMap, scores_array
-from mopeq.allocation.budget import budget_map
-from mopeq.allocation.kmeans import kmeans_map
 from mopeq.allocation.knapsack import SOLVERS
 from mopeq.core import defaults as D
+from mopeq.core import methods
+from mopeq.core.errors import MopeqError
 from mopeq.core.layout import MoELayout
 from mopeq.core.memory import FP_BITS, MemoryConfig, bit_set
 
-METHODS = ("kmeans", "budget", "uniform", "frequency", "random")
+METHODS = methods.ALLOC_NAMES
 SCOPES = ("model", "layer")
-SNAP_RULES = ("mean", "max", "min")
 
 
 @dataclass(frozen=True)
@@ -70,7 +67,7 @@ class AllocConfig:
         object.__setattr__(self, "bits", bit_set(self.bits))
         problems = _config_problems(self)
         if problems:
-            raise ValueError("invalid AllocConfig: " + "; ".join(problems))
+            raise MopeqError("invalid AllocConfig: " + "; ".join(problems))
 
     def to_json(self) -> dict:
         """A JSON-ready dict."""
@@ -93,19 +90,11 @@ def _config_problems(c: AllocConfig) -> list[str]:
         (c.target_bits is None or c.target_bits > 0, f"target_bits must be > 0, got "
                                                      f"{c.target_bits!r}"),
         (c.target_gb is None or c.target_gb > 0, f"target_gb must be > 0, got {c.target_gb!r}"),
-        (c.method != "budget" or (c.target_bits is None) != (c.target_gb is None),
-         "method 'budget' needs exactly one of target_bits or target_gb"),
+        (c.method not in METHODS or not methods.ALLOC_BY_NAME[c.method].uses_target
+         or (c.target_bits is None) != (c.target_gb is None),
+         f"method {c.method!r} needs exactly one of target_bits or target_gb"),
     ]
     return [msg for ok, msg in checks if not ok]
-
-
-_HANDLERS: dict[str, Callable[[AllocInputs, MoELayout, AllocConfig], BitMap]] = {
-    "kmeans": kmeans_map,
-    "frequency": kmeans_map,
-    "budget": budget_map,
-    "uniform": uniform_map,
-    "random": random_map,
-}
 
 
 def allocate(scores, layout: MoELayout, config: AllocConfig | None = None,
@@ -127,7 +116,7 @@ def allocate(scores, layout: MoELayout, config: AllocConfig | None = None,
     """
     config = config or AllocConfig()
     inputs = AllocInputs(scores_array(scores, layout), scores, errors, reference)
-    bitmap = _HANDLERS[config.method](inputs, layout, config)
+    bitmap = methods.resolve(methods.ALLOC_BY_NAME[config.method].handler)(inputs, layout, config)
     source = getattr(scores, "method", None)
     if isinstance(source, str):
         bitmap.meta["scores"] = source

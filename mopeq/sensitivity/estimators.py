@@ -4,7 +4,8 @@ Each takes ``(model, layout, config, data, progress)`` and returns raw per-(MoE 
 arrays that ``profile`` turns into ``Scores``. Expert tensors are read in one canonical
 [experts, out, in] view per projection whatever the storage (fused, transposed fused, or an
 ``nn.ModuleList`` of linears), so every layout gets identical probes and identical numbers.
-``block_error`` and ``measured`` live in modules of their own and are registered here.
+``block_error`` and ``measured`` live in modules of their own; ``mopeq.core.methods`` rows name
+each method's estimator.
 
 The gradient methods check that the loss reaches the experts: a model whose expert path runs
 under ``torch.no_grad`` (DeepSeek-VL2's remote-code ``moe_infer`` at inference) raises
@@ -21,9 +22,7 @@ import torch
 
 from mopeq.core.layout import PROJECTIONS, MoELayout
 from mopeq.model.moe import block_params, canonical, from_canonical
-from mopeq.sensitivity.block_error import _block_error, _block_fisher
 from mopeq.sensitivity.calibration import batch_loss, expert_grad_mode, route_counts
-from mopeq.sensitivity.measured import _measured
 
 _CHUNK = 2**22  # elements of one frobenius probe batch (memory bound)
 
@@ -248,8 +247,3 @@ def _frequency(model, layout, _config, data, progress) -> dict:
     return {"scores": counts, "parts": _split(counts[..., None] * share), "tokens": tokens,
             "meta": {"score_unit": "top-k assignments"}}
 
-
-# one entry per row of mopeq.core.methods.TABLE
-ESTIMATORS = {"frobenius": _frobenius, "hessian": _hessian, "fisher": _fisher,
-              "frequency": _frequency, "block_error": _block_error, "block_fisher": _block_fisher,
-              "measured": _measured}

@@ -59,7 +59,6 @@ from mopeq.core.layout import PROJECTIONS, MoELayout
 from mopeq.core.memory import bit_set
 from mopeq.model.loading import fingerprint_model
 from mopeq.sensitivity.calibration import CalibData
-from mopeq.sensitivity.estimators import ESTIMATORS
 
 ALGORITHM_VERSION = 1
 STAGE = "sensitivity"
@@ -68,7 +67,7 @@ DATA_METHODS = methods.DATA_METHODS
 LOSSES = ("ce", "self_kl")
 POLICIES = ("layer_mean", "model_mean", "zero")
 DEFAULT_PROBES = methods.DEFAULT_PROBES
-ERROR_METHODS = ("measured", "block_error", "block_fisher")
+ERROR_METHODS = methods.ERROR_METHODS
 
 
 def _used_by(*methods: str, default):
@@ -254,7 +253,7 @@ def profile(model, layout: MoELayout, method: str, config: ProfileConfig = Profi
             progress(1.0, f"{method}: served from cache")
             return hit
     start = time.perf_counter()
-    raw = ESTIMATORS[method](model, layout, config, data, progress)
+    raw = methods.resolve(methods.info(method).estimator)(model, layout, config, data, progress)
     scores = _finish(method, raw, layout, config, data, time.perf_counter() - start)
     if key:
         scores.meta.update(cache_key=key, fingerprint=fingerprint)
