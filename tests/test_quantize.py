@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mopeq.embedded import synthetic, tiny
-from mopeq.evaluation.evaluate import TinyVLMAdapter, evaluate_samples
+from mopeq.evaluation.adapters import TinyVLMAdapter
+from mopeq.evaluation.evaluate import evaluate_samples
 from mopeq.model.loading import fingerprint_model, load_model
 from mopeq.model.moe import discover
 from mopeq.quantize.autoround import (

@@ -206,7 +206,8 @@ def _run_phase(model: TinyMoEVLM, recipe: TinyRecipe, phase: Phase, index: int, 
 
 
 def _log_point(model, ctx, phase: int, step: int, minutes: float, losses: dict) -> None:
-    from mopeq.evaluation.evaluate import TinyVLMAdapter, evaluate_samples
+    from mopeq.evaluation.adapters import TinyVLMAdapter
+    from mopeq.evaluation.evaluate import evaluate_samples
 
     result = evaluate_samples(TinyVLMAdapter(model.eval(), ctx["processor"]), ctx["quick"])
     point = {"phase": phase, "step": step, "minutes": round(minutes, 2),

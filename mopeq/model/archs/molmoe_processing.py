@@ -280,7 +280,7 @@ class MolmoeAdapter:
     batch_size = 4
 
     def __init__(self, model, processor: MolmoeProcessor, max_new_tokens: int = 16):
-        from mopeq.evaluation.evaluate import answer_token_ids
+        from mopeq.evaluation.adapters import answer_token_ids
 
         self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
         tok = processor.tokenizer
@@ -290,7 +290,7 @@ class MolmoeAdapter:
     @torch.no_grad()
     def answer(self, images, questions):
         """Greedy-decode short answers for a batch of (image, question) pairs."""
-        from mopeq.evaluation.evaluate import _yes_no_other
+        from mopeq.evaluation.adapters import yes_no_other
 
         batch = self.processor(images, questions)
         dtype = next(self.model.vision_tower.parameters()).dtype
@@ -308,7 +308,7 @@ class MolmoeAdapter:
             cache = out.cache
             logits = out.logits[:, -1, : self.model.config.embedding_size]
             if step == 0:
-                probs = _yes_no_other(logits, self.yes_ids, self.no_ids)
+                probs = yes_no_other(logits, self.yes_ids, self.no_ids)
             nxt = torch.where(done, torch.full_like(done, eos, dtype=torch.long),
                               logits.argmax(-1))
             tokens.append(nxt)
