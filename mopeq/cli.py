@@ -244,7 +244,8 @@ def cmd_memory(args) -> int:
 def cmd_quantize(args) -> int:
     """Quantize with a bit map and export checkpoint + recipe + snippets."""
     from mopeq.core.memory import MemoryConfig, estimate
-    from mopeq.quantize.autoround import QuantConfig, export, quantize
+    from mopeq.quantize.autoround import QuantConfig, quantize
+    from mopeq.quantize.export import export
     from mopeq.workflow.pipeline import calibration_texts
 
     loaded, layout = _layout(args)

@@ -573,7 +573,7 @@ def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None,
     is that run: its scores and bits in the CSV, its recipe JSON, engine snippets and
     quantized checkpoint (a zip), every file named after the run (``run_file_prefix``).
     """
-    from mopeq.quantize.autoround import export
+    from mopeq.quantize.export import export
 
     prefix = ""
     if run is not None:
