@@ -36,7 +36,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mopeq.embedded import synthetic
+from mopeq.embedded import scenes
 
 MODEL_TYPE = "mopeq_tiny_vlm"
 VALIDATION_SEED = 1  # training curves and checkpoint choice use eval_split(seed=1), not seed 0
@@ -154,7 +154,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for word in synthetic.vocabulary() + ["describe"]:
+    for word in scenes.vocabulary() + ["describe"]:
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -287,8 +287,8 @@ def build_config(recipe: TinyRecipe, vocab_size: int) -> TinyVLMConfig:
             q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
             v_head_dim=h // 4, n_routed_experts=recipe.num_experts, n_shared_experts=1,
             first_k_dense_replace=1)
-    return TinyVLMConfig(text_config=text, num_words=len(synthetic.text_classes()) + 1,
-                         num_cell_classes=(len(synthetic.SHAPES) + 1, len(synthetic.COLORS) + 1),
+    return TinyVLMConfig(text_config=text, num_words=len(scenes.text_classes()) + 1,
+                         num_cell_classes=(len(scenes.SHAPES) + 1, len(scenes.COLORS) + 1),
                          repeat_question=recipe.repeat_question)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mopeq.embedded import synthetic
+from mopeq.embedded import scenes, synthetic
 from mopeq.embedded.tiny import (
     VALIDATION_SEED,
     Phase,
@@ -30,16 +30,16 @@ from mopeq.embedded.tiny import (
 )
 
 
-def _scene_targets(samples: Sequence[synthetic.Sample], grid: int) -> tuple[torch.Tensor, ...]:
+def _scene_targets(samples: Sequence[scenes.Sample], grid: int) -> tuple[torch.Tensor, ...]:
     """Per-cell shape/colour classes and the word class of each sample (0 = none)."""
     shapes = torch.zeros((len(samples), grid * grid), dtype=torch.long)
     colors = torch.zeros_like(shapes)
     words = torch.zeros(len(samples), dtype=torch.long)
-    color_names = list(synthetic.COLORS)
-    texts = synthetic.text_classes()
+    color_names = list(scenes.COLORS)
+    texts = scenes.text_classes()
     for i, s in enumerate(samples):
         for o in s.scene.objects:
-            shapes[i, o.row * grid + o.col] = synthetic.SHAPES.index(o.shape) + 1
+            shapes[i, o.row * grid + o.col] = scenes.SHAPES.index(o.shape) + 1
             colors[i, o.row * grid + o.col] = color_names.index(o.color) + 1
         if s.scene.text:
             words[i] = texts.index(s.scene.text) + 1

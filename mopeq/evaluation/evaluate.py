@@ -145,7 +145,7 @@ def _prompt_text(question: str, with_suffix: bool) -> str:
 
 def evaluate_samples(adapter: VLMAdapter, samples: Sequence, batch_size: int = 100,
                      with_suffix: bool = False) -> EvalResult:
-    """Ask every question of every sample (``synthetic.Sample``-like) and score the answers."""
+    """Ask every question of every sample (``scenes.Sample``-like) and score the answers."""
     start = time.perf_counter()
     flat = [(s, q) for s in samples for q in s.questions]
     records = []

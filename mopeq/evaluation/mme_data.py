@@ -3,7 +3,7 @@
 Sources: the procedural split (``"synthetic"``), a local copy of MME in the official release
 layout or as parquet in the ``lmms-lab/MME`` layout, and the hub data set where a network
 exists. Every source yields items with ``image_id``, ``category``, ``questions`` (two
-``synthetic.Question``) and ``image``, so evaluation treats them alike.
+``scenes.Question``) and ``image``, so evaluation treats them alike.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mopeq.embedded import synthetic
-from mopeq.embedded.synthetic import Question
+from mopeq.embedded.scenes import Question
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
               "landmark", "artwork", "OCR")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mopeq.core.layout import MoELayout
-from mopeq.embedded import synthetic
+from mopeq.embedded import scenes, synthetic
 from mopeq.model.moe import text_config
 
 DATA_VERSION = 1
@@ -118,7 +118,7 @@ def _model_and_kind(obj) -> tuple[nn.Module, str]:
     return model, kind
 
 
-def _samples(n: int, seed: int) -> list[synthetic.Sample]:
+def _samples(n: int, seed: int) -> list[scenes.Sample]:
     stream = synthetic.train_stream(seed=seed)
     return [next(stream) for _ in range(n)]
 
