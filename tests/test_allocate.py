@@ -480,3 +480,21 @@ def test_rtn_matches_auto_round():
             torch.testing.assert_close(rtn(w, bits, group, sym=True), ref_sym, rtol=0, atol=0)
             ref_asym = quant_tensor_asym(w.clone(), bits=bits, group_size=group)[0]
             torch.testing.assert_close(rtn(w, bits, group, sym=False), ref_asym, rtol=0, atol=0)
+
+
+def test_signature_defaults_are_the_run_defaults():
+    import inspect
+
+    from mopeq.allocation import qerror
+    from mopeq.core import defaults as D
+    from mopeq.sensitivity import expert_quant, report
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    for fn in (qerror.rtn, qerror.quant_errors, expert_quant.experts_quantized,
+               expert_quant.expert_quantized, expert_quant.bitmap_quantized):
+        assert (default(fn, "group_size"), default(fn, "sym")) == (D.GROUP_SIZE, D.SYM)
+    assert default(qerror.quant_errors, "bits") == default(pareto, "bits") == D.BITS
+    cfg = report.ReportConfig()
+    assert (cfg.bits, cfg.group_size, cfg.sym) == (D.BITS, D.GROUP_SIZE, D.SYM)

@@ -18,6 +18,7 @@ import numpy as np
 from mopeq.allocation.bitmap import AllocInputs, BitMap, new_map, scores_array
 from mopeq.allocation.knapsack import _hull_steps, solve_mckp
 from mopeq.allocation.loss_model import loss_table
+from mopeq.core import defaults as D
 from mopeq.core.layout import MoELayout
 from mopeq.core.memory import (
     FP_BITS,
@@ -89,7 +90,7 @@ def predicted_loss(bitmap: BitMap, scores, errors: np.ndarray | None,
     return float(np.where(idx < 0, 0.0, loss).sum())
 
 
-def pareto(scores, errors: np.ndarray, layout: MoELayout, bits: tuple[int, ...] = (2, 3, 4),
+def pareto(scores, errors: np.ndarray, layout: MoELayout, bits: tuple[int, ...] = D.BITS,
            mem_config: MemoryConfig | None = None, n_points: int = 64) -> list[dict]:
     """The memory / predicted-loss frontier of per-expert allocations, cheapest first.
 

@@ -232,7 +232,7 @@ def unquantized_dtypes(layout: MoELayout, prefix: str) -> dict[str, str]:
 
 
 def autoscheme(model: nn.Module, layout: MoELayout, expert_avg_bits: float, config: QuantConfig,
-               tokenizer, texts: list[str], bits: tuple[int, ...] = (2, 3, 4)):
+               tokenizer, texts: list[str], bits: tuple[int, ...] = D.BITS):
     """auto-round's own mixed-bit search (AutoScheme) at the same average expert bits.
 
     Non-expert layers are fixed as in ``layer_config`` (base bits / 16-bit), so AutoScheme only
@@ -250,7 +250,7 @@ def autoscheme(model: nn.Module, layout: MoELayout, expert_avg_bits: float, conf
                         config, prefix)
     fixed = {n: c for n, c in full.items() if ".experts." not in n}
     target = _all_layer_target(layout, fixed, full, expert_avg_bits)
-    suffix = "" if config.group_size == 128 else f"G{config.group_size}"
+    suffix = "" if config.group_size == 128 else f"G{config.group_size}"  # auto-round's W*A16: 128
     with (tempfile.TemporaryDirectory(prefix="mopeq-as-") as tmp, _AUTOROUND_LOCK, _quiet(),
           _env(AR_AUTO_SCHEME_CACHE=str(Path(tmp, "scores")),  # never reuse another's scores
                AR_WORK_SPACE=str(Path(tmp, "work")))):
