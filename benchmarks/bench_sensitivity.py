@@ -28,7 +28,8 @@ from mopeq.core.layout import PROJECTIONS
 from mopeq.embedded import tiny
 from mopeq.model import moe
 from mopeq.model.loading import EMBEDDED_DIR, load_model  # noqa: E402
-from mopeq.sensitivity.profile import ProfileConfig, calibration, profile  # noqa: E402  # noqa: E402
+from mopeq.sensitivity import calibration  # noqa: E402
+from mopeq.sensitivity.profile import ProfileConfig, profile  # noqa: E402
 
 
 def load(which: str):

@@ -28,12 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mopeq.core import methods
 from mopeq.model import moe
 from mopeq.model.loading import LoadedModel, load_model  # noqa: E402
+from mopeq.sensitivity import calibration  # noqa: E402
 from mopeq.sensitivity.measured import measured_cost  # noqa: E402
-from mopeq.sensitivity.profile import (  # noqa: E402
-    ProfileConfig,
-    calibration,  # noqa: E402
-    profile,
-)
+from mopeq.sensitivity.profile import ProfileConfig, profile  # noqa: E402
 
 FULL_DSV3 = {"moe_layers": 58, "experts": 256}
 
