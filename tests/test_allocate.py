@@ -498,3 +498,21 @@ def test_signature_defaults_are_the_run_defaults():
     assert default(qerror.quant_errors, "bits") == default(pareto, "bits") == D.BITS
     cfg = report.ReportConfig()
     assert (cfg.bits, cfg.group_size, cfg.sym) == (D.BITS, D.GROUP_SIZE, D.SYM)
+
+
+def test_user_errors_are_mopeq_errors(layout, problem):
+    from mopeq.core.errors import MopeqError
+    from mopeq.model.loading import ModelLoadError
+    from mopeq.model.moe import NotMoEError
+    from mopeq.sensitivity.estimators import NoExpertGradient
+    from mopeq.sensitivity.measured import CostTooHigh
+
+    scores, errors = problem
+    with pytest.raises(MopeqError, match="method"):
+        AllocConfig(method="nope")
+    with pytest.raises(MopeqError, match="clusters"):
+        allocate(scores, layout, AllocConfig(clusters=25))
+    with pytest.raises(MopeqError, match="target_bits"):
+        allocate(scores, layout, AllocConfig(method="budget", target_bits=1.0), errors=errors)
+    assert all(issubclass(e, MopeqError)
+               for e in (ModelLoadError, NotMoEError, NoExpertGradient, CostTooHigh))

@@ -12,6 +12,7 @@ import numpy as np
 
 from mopeq.allocation.bitmap import AllocInputs, BitMap, new_map
 from mopeq.allocation.kmeans import cluster_map
+from mopeq.core.errors import MopeqError
 from mopeq.core.layout import MoELayout
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ def random_map(inputs: AllocInputs, layout: MoELayout, config: AllocConfig) -> B
     if reference is None:
         reference = cluster_map(s, layout, config, "kmeans")
     if reference.bits.shape != s.shape:
-        raise ValueError(f"reference map has shape {reference.bits.shape}, expected {s.shape}")
+        raise MopeqError(f"reference map has shape {reference.bits.shape}, expected {s.shape}")
     rng = np.random.default_rng(config.seed)
     if config.scope == "layer":
         bits = rng.permuted(reference.bits, axis=1)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mopeq.core.errors import MopeqError
 from mopeq.core.layout import MoELayout, bitmap_array, deployable_fused
 from mopeq.core.memory import FP_BITS, LayoutArrays
 
@@ -45,9 +46,9 @@ class BitMap:
     def __post_init__(self):
         bits = np.array(self.bits, dtype=np.int64)
         if bits.ndim != 2 or bits.size == 0:
-            raise ValueError(f"bits must be a non-empty [layers, experts] array, got {bits.shape}")
+            raise MopeqError(f"bits must be a non-empty [layers, experts] array, got {bits.shape}")
         if bits.min() < 1 or bits.max() > FP_BITS:
-            raise ValueError(f"bits must lie in 1..16, got {bits.min()}..{bits.max()}")
+            raise MopeqError(f"bits must lie in 1..16, got {bits.min()}..{bits.max()}")
         for name, value, dtype in (("bits", bits, None), ("labels", self.labels, np.int64),
                                    ("centroids", self.centroids, float),
                                    ("numel", self.numel, np.int64)):
@@ -130,11 +131,11 @@ def scores_array(scores, layout: MoELayout) -> np.ndarray:
     """Scores as a finite float [L, E] array (``scores`` may be a ``Scores`` object).
 
     Raises:
-        ValueError: on a shape that does not match the layout or non-finite values.
+        MopeqError: on a shape that does not match the layout or non-finite values.
     """
     s = bitmap_array(_as_array(scores), layout, "scores")
     if not np.isfinite(s).all():
-        raise ValueError(f"scores hold {int((~np.isfinite(s)).sum())} non-finite values")
+        raise MopeqError(f"scores hold {int((~np.isfinite(s)).sum())} non-finite values")
     return s
 
 
@@ -169,7 +170,7 @@ def snap_per_layer(bitmap: BitMap, layout: MoELayout, rule: str = "mean") -> Bit
     widest (never loses precision); ``min`` = its narrowest.
     """
     if rule not in SNAP_RULES:
-        raise ValueError(f"rule {rule!r} is not one of {SNAP_RULES}")
+        raise MopeqError(f"rule {rule!r} is not one of {SNAP_RULES}")
     bits = bitmap.bits
     if rule == "max":
         width = bits.max(1)

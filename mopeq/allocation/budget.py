@@ -19,6 +19,7 @@ from mopeq.allocation.bitmap import AllocInputs, BitMap, new_map, scores_array
 from mopeq.allocation.knapsack import _hull_steps, solve_mckp
 from mopeq.allocation.loss_model import loss_table
 from mopeq.core import defaults as D
+from mopeq.core.errors import MopeqError
 from mopeq.core.layout import MoELayout
 from mopeq.core.memory import (
     FP_BITS,
@@ -39,7 +40,7 @@ def _budget_costs(layout: MoELayout, config: AllocConfig) -> tuple[np.ndarray, i
     if config.target_bits is not None:
         numel = LayoutArrays.of(layout).expert_numel
         if config.target_bits < bits[0] - 1e-9:
-            raise ValueError(f"target_bits={config.target_bits} is below the minimum "
+            raise MopeqError(f"target_bits={config.target_bits} is below the minimum "
                              f"achievable {bits[0]} (every expert at {bits[0]} bits)")
         cap = math.floor(config.target_bits * int(numel.sum()) + 1e-6)
         return numel[..., None] * bits, cap, f"{config.target_bits} average bits"
@@ -48,7 +49,7 @@ def _budget_costs(layout: MoELayout, config: AllocConfig) -> tuple[np.ndarray, i
     cap = math.floor(config.target_gb * 1e9 + 1e-3) * 8 - fixed  # 1e-3: float slack
     least = int(costs.min(-1).sum())
     if least > cap:
-        raise ValueError(f"target_gb={config.target_gb} is below the minimum achievable "
+        raise MopeqError(f"target_gb={config.target_gb} is below the minimum achievable "
                          f"{math.ceil((least + fixed) / 8) / 1e9:.4g} GB (every expert at "
                          f"{bits[0]} bits, the rest at base {config.memory.base_bits} bits)")
     return costs, cap, f"{config.target_gb} GB"
@@ -76,14 +77,14 @@ def predicted_loss(bitmap: BitMap, scores, errors: np.ndarray | None,
     With scores that carry their own errors (``method_errors``): ``sum_e eps_e(bits_e)``.
 
     Raises:
-        ValueError: if the map uses a width below 16 that ``bits`` does not hold.
+        MopeqError: if the map uses a width below 16 that ``bits`` does not hold.
     """
     bits = bit_set(bits)
     lookup = np.full(FP_BITS + 1, -1)
     lookup[list(bits)] = np.arange(len(bits))
     idx = lookup[bitmap.bits]
     if ((idx < 0) & (bitmap.bits < FP_BITS)).any():
-        raise ValueError(f"the map uses widths {sorted(set(bitmap.bits.ravel()) - set(bits))} "
+        raise MopeqError(f"the map uses widths {sorted(set(bitmap.bits.ravel()) - set(bits))} "
                          f"that errors for {bits} do not cover")
     table, _ = loss_table(scores, errors, bits)
     loss = np.take_along_axis(table, np.maximum(idx, 0)[..., None], -1)[..., 0]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mopeq.allocation.bitmap import AllocInputs, BitMap, new_map
+from mopeq.core.errors import MopeqError
 from mopeq.core.layout import MoELayout
 
 if TYPE_CHECKING:
@@ -118,11 +119,11 @@ def kmeans_map(inputs: AllocInputs, layout: MoELayout, config: AllocConfig) -> B
 def cluster_map(s: np.ndarray, layout: MoELayout, config: AllocConfig, method: str) -> BitMap:
     """K-means over ``s`` in the config's scope; the map is labelled ``method``."""
     if config.log_scores and (s <= 0).any():
-        raise ValueError(f"log_scores needs scores > 0; {int((s <= 0).sum())} are <= 0")
+        raise MopeqError(f"log_scores needs scores > 0; {int((s <= 0).sum())} are <= 0")
     values = np.log(s) if config.log_scores else s
     n = s.size if config.scope == "model" else s.shape[1]
     if config.clusters > n:
-        raise ValueError(f"clusters={config.clusters} exceeds the {n} experts of the "
+        raise MopeqError(f"clusters={config.clusters} exceeds the {n} experts of the "
                          f"clustering scope {config.scope!r}")
     if config.scope == "model":
         labels, cents, eff = _cluster(values, config)

@@ -12,6 +12,7 @@ import numpy as np
 
 from mopeq.core import cache
 from mopeq.core import defaults as D
+from mopeq.core.errors import MopeqError
 from mopeq.core.layout import MoELayout
 from mopeq.core.memory import FP_BITS, LayoutArrays, bit_set, quantizable
 
@@ -31,7 +32,7 @@ def rtn(weight, bits: int, group_size: int = D.GROUP_SIZE, sym: bool = D.SYM):
     w = weight.detach().float()
     g = w.shape[1] if group_size == -1 else group_size
     if w.dim() != 2 or w.shape[1] % g:
-        raise ValueError(f"rtn needs a 2-D weight whose in_features divide by {g}, "
+        raise MopeqError(f"rtn needs a 2-D weight whose in_features divide by {g}, "
                          f"got {tuple(w.shape)}")
     x = w.reshape(-1, g)
     wmin, wmax = torch.aminmax(x, dim=-1)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mopeq.core import defaults as D
+from mopeq.core.errors import MopeqError
 from mopeq.core.layout import MoELayout, bitmap_array
 
 FP_BITS = 16
@@ -69,9 +70,9 @@ class MemoryConfig:
     def __post_init__(self):
         if not isinstance(self.group_size, int) or not (self.group_size == -1
                                                         or self.group_size >= 1):
-            raise ValueError(f"group_size must be a positive int or -1, got {self.group_size!r}")
+            raise MopeqError(f"group_size must be a positive int or -1, got {self.group_size!r}")
         if not isinstance(self.base_bits, int) or not 1 <= self.base_bits <= FP_BITS:
-            raise ValueError(f"base_bits must be an int in 1..16, got {self.base_bits!r}")
+            raise MopeqError(f"base_bits must be an int in 1..16, got {self.base_bits!r}")
 
 
 def bit_set(bits) -> tuple[int, ...]:
@@ -79,13 +80,13 @@ def bit_set(bits) -> tuple[int, ...]:
     try:
         values = tuple(bits)
     except TypeError:
-        raise ValueError(f"bits must be a collection of bit widths, got {bits!r}") from None
+        raise MopeqError(f"bits must be a collection of bit widths, got {bits!r}") from None
     if not values:
-        raise ValueError("bits is empty: give at least one bit width, e.g. bits=(2, 3, 4)")
+        raise MopeqError("bits is empty: give at least one bit width, e.g. bits=(2, 3, 4)")
     bad = [b for b in values if isinstance(b, bool) or not isinstance(b, (int, np.integer))
            or not 1 <= b <= FP_BITS]
     if bad:
-        raise ValueError(f"bit widths must be ints in 1..16, got {bad}")
+        raise MopeqError(f"bit widths must be ints in 1..16, got {bad}")
     return tuple(sorted({int(b) for b in values}))
 
 
@@ -216,7 +217,7 @@ class LayoutArrays:
         """Build the arrays (no memo; prefer ``LayoutArrays.of``)."""
         shape = (layout.num_moe_layers, layout.num_experts)
         if len(layout.experts) != shape[0] * shape[1]:
-            raise ValueError("every MoE layer must have the same number of routed experts; "
+            raise MopeqError("every MoE layer must have the same number of routed experts; "
                              f"got {[b.num_experts for b in layout.blocks]}")
         dims = np.array([[e.shapes[p] for p in ("gate", "up", "down")] for e in layout.experts],
                         dtype=np.int64).reshape(*shape, 3, 2)
@@ -349,7 +350,7 @@ def estimate(layout: MoELayout, bitmap, config: MemoryConfig | None = None) -> M
     """Memory of ``layout`` quantized with ``bitmap`` (a ``BitMap`` or an [L, E] int array).
 
     Raises:
-        ValueError: if the bit map's shape does not match the layout.
+        MopeqError: if the bit map's shape does not match the layout.
     """
     config = config or MemoryConfig()
     arrays = LayoutArrays.of(layout)

@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from mopeq.core.errors import MopeqError
 from mopeq.embedded import glyphs
 from mopeq.embedded.scenes import (
     COLORS,
@@ -258,7 +259,7 @@ def train_stream(seed: int = 1, eval_seed: int = 0, n_eval: int = EVAL_PER_CATEG
 def _weighted_categories(seed: int, weights: dict[str, float]) -> Iterator[str]:
     unknown = set(weights) - set(CATEGORIES)
     if unknown:
-        raise ValueError(f"unknown categories {sorted(unknown)}; known: {CATEGORIES}")
+        raise MopeqError(f"unknown categories {sorted(unknown)}; known: {CATEGORIES}")
     p = np.array([weights.get(c, 0.0) for c in CATEGORIES], dtype=float)
     rng = np.random.default_rng([seed, 99])
     while True:

@@ -36,6 +36,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from mopeq.core.errors import MopeqError
 from mopeq.embedded import scenes
 
 MODEL_TYPE = "mopeq_tiny_vlm"
@@ -341,6 +342,6 @@ def _load_quantized(path: Path, lm_folder: str, dtype: torch.dtype) -> TinyMoEVL
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     missing = [k for k in missing if not k.startswith("language_model.")]
     if missing or unexpected:
-        raise ValueError(f"quantized checkpoint {path} does not match: missing {missing[:3]}, "
+        raise MopeqError(f"quantized checkpoint {path} does not match: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     return model

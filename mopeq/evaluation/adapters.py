@@ -117,10 +117,10 @@ class HFVLMAdapter:
 
     def __init__(self, model, processor, max_new_tokens: int = 16):
         if getattr(getattr(model, "config", None), "vision_config", None) is None:
-            raise ValueError(f"{type(model).__name__} has no vision tower: a causal-LM-only "
+            raise MopeqError(f"{type(model).__name__} has no vision tower: a causal-LM-only "
                              "model cannot be evaluated on images; pass a vision-language model")
         if processor is None or getattr(processor, "image_processor", None) is None:
-            raise ValueError("the model's processor cannot prepare images (got "
+            raise MopeqError("the model's processor cannot prepare images (got "
                              f"{type(processor).__name__}); load it with AutoProcessor")
         self.model = model
         self.processor = processor
@@ -138,7 +138,7 @@ class HFVLMAdapter:
                                                       tokenize=False)
         token = getattr(self.processor, "image_token", None)
         if not token:
-            raise ValueError("the processor has neither a chat template nor an image token")
+            raise MopeqError("the processor has neither a chat template nor an image token")
         return f"{token}\n{question}"
 
     @torch.no_grad()

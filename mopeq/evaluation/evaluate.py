@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from mopeq.core.errors import MopeqError
 from mopeq.evaluation import stats
 from mopeq.evaluation.adapters import VLMAdapter, adapter_for
 from mopeq.evaluation.mme_data import (  # noqa: F401 - re-exported: evaluation's public data API
@@ -78,18 +79,18 @@ def score_mme(records: Iterable[dict]) -> EvalResult:
     """Score records (``question_id``, ``category``, ``answer``, ``prediction``).
 
     Raises:
-        ValueError: when an image (``question_id``) does not have exactly two questions, or a
+        MopeqError: when an image (``question_id``) does not have exactly two questions, or a
             gold answer is not Yes/No.
     """
     by_image: dict[tuple[str, str], list[dict]] = defaultdict(list)
     records = list(records)
     for r in records:
         if str(r["answer"]).strip().lower() not in ("yes", "no"):
-            raise ValueError(f"gold answer must be Yes or No, got {r['answer']!r}")
+            raise MopeqError(f"gold answer must be Yes or No, got {r['answer']!r}")
         by_image[(r["category"], str(r["question_id"]))].append(r)
     bad = [qid for (_, qid), rs in by_image.items() if len(rs) != 2]
     if bad:
-        raise ValueError(f"{len(bad)} image(s) do not have exactly two questions, e.g. {bad[:3]}")
+        raise MopeqError(f"{len(bad)} image(s) do not have exactly two questions, e.g. {bad[:3]}")
     per_cat: dict[str, dict] = {}
     for cat in sorted({c for c, _ in by_image}, key=category_order):
         pairs = [rs for (c, _), rs in by_image.items() if c == cat]
@@ -191,11 +192,11 @@ def compare(baseline: EvalResult, other: EvalResult) -> dict:
     correctness changed (``p_value``, ``n_discordant``, ``mcnemar``: its ``b``/``c`` counts).
 
     Raises:
-        ValueError: when the runs cover different questions or their records lack ``probs``.
+        MopeqError: when the runs cover different questions or their records lack ``probs``.
     """
     base, oth = _by_question(baseline), _by_question(other)
     if base.keys() != oth.keys():
-        raise ValueError("the two results cover different questions: evaluate both on the same "
+        raise MopeqError("the two results cover different questions: evaluate both on the same "
                          "dataset, pairs and seed")
     keys = sorted(base)
     kl = answer_kl(np.array([base[k]["probs"] for k in keys]),
@@ -245,6 +246,6 @@ def _by_question(result: EvalResult) -> dict[tuple, dict]:
     out = {}
     for r in result.records:
         if "probs" not in r:
-            raise ValueError("records without 'probs': compare needs results of evaluate_samples")
+            raise MopeqError("records without 'probs': compare needs results of evaluate_samples")
         out[(r["category"], str(r["question_id"]), r.get("question", ""))] = r
     return out

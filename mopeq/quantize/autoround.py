@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mopeq.core import defaults as D
+from mopeq.core.errors import MopeqError
 from mopeq.core.layout import PROJECTIONS, MoELayout, bitmap_array
 from mopeq.core.memory import quantizable, takes_base_bits
 
@@ -53,11 +54,11 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.mode not in ("rtn", "tuned"):
-            raise ValueError(f"mode must be 'rtn' or 'tuned', got {self.mode!r}")
+            raise MopeqError(f"mode must be 'rtn' or 'tuned', got {self.mode!r}")
         if self.group_size < 1 or self.group_size % 32:
-            raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
+            raise MopeqError(f"group_size must be a positive multiple of 32, got {self.group_size}")
         if self.base_bits not in SUPPORTED_BITS:
-            raise ValueError(f"base_bits must be one of {SUPPORTED_BITS}, got {self.base_bits}")
+            raise MopeqError(f"base_bits must be one of {SUPPORTED_BITS}, got {self.base_bits}")
 
 
 @dataclass
@@ -87,12 +88,12 @@ def check_bitmap(layout: MoELayout, bits: np.ndarray) -> np.ndarray:
     """Validate a bit map against a layout; return it as an int array.
 
     Raises:
-        ValueError: wrong shape (a bit map of another model) or unsupported widths.
+        MopeqError: wrong shape (a bit map of another model) or unsupported widths.
     """
     bits = bitmap_array(bits, layout)
     bad = sorted(set(np.unique(bits).tolist()) - set(SUPPORTED_BITS))
     if bad:
-        raise ValueError(f"unsupported bit widths {bad}: auto-round exports {SUPPORTED_BITS}")
+        raise MopeqError(f"unsupported bit widths {bad}: auto-round exports {SUPPORTED_BITS}")
     return bits.astype(int)
 
 
@@ -138,7 +139,7 @@ def quantize(model: nn.Module, layout: MoELayout, bits, config: QuantConfig = Qu
     root, prefix = quant_root(model)
     cfg = layer_config(layout, bits, config, prefix)
     if config.mode == "tuned" and not calib:
-        raise ValueError("tuned mode needs local calibration texts (calib=[...])")
+        raise MopeqError("tuned mode needs local calibration texts (calib=[...])")
     if on_progress:
         on_progress(0.05, f"quantizing {len(cfg)} linear layers ({config.mode})")
     checkpoint = tempfile.TemporaryDirectory(prefix="mopeq-q-")
@@ -162,7 +163,7 @@ def _autoround(root, tokenizer, cfg, config: QuantConfig, calib):
     from auto_round import AutoRound
 
     if tokenizer is None:
-        raise ValueError("auto-round needs the model's tokenizer")
+        raise MopeqError("auto-round needs the model's tokenizer")
     kwargs = dict(scheme="W4A16", group_size=config.group_size, sym=config.sym,
                   device_map="cpu", enable_torch_compile=False, layer_config=copy.deepcopy(cfg),
                   seed=config.seed)

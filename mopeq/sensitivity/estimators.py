@@ -20,6 +20,7 @@ import math
 import numpy as np
 import torch
 
+from mopeq.core.errors import MopeqError
 from mopeq.core.layout import PROJECTIONS, MoELayout
 from mopeq.model.moe import block_params, canonical, from_canonical
 from mopeq.sensitivity.calibration import batch_loss, expert_grad_mode, route_counts
@@ -96,7 +97,7 @@ def _norm_hutchinson(w: torch.Tensor, probes: int, gen) -> tuple[np.ndarray, np.
 # --------------------------------------------------------------------------- gradients
 
 
-class NoExpertGradient(ValueError):
+class NoExpertGradient(MopeqError):
     """The calibration loss does not depend on the expert weights through autograd."""
 
 

@@ -55,6 +55,7 @@ from torch import nn
 
 from mopeq.core import cache, methods
 from mopeq.core import defaults as D
+from mopeq.core.errors import MopeqError
 from mopeq.core.layout import PROJECTIONS, MoELayout
 from mopeq.core.memory import bit_set
 from mopeq.model.loading import fingerprint_model
@@ -106,7 +107,7 @@ class ProfileConfig:
                   (self.fisher_samples >= 1, "fisher_samples must be >= 1")]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"ProfileConfig: {message}")
+                raise MopeqError(f"ProfileConfig: {message}")
 
     def probes_for(self, method: str) -> int:
         """Probe count (frobenius) or cap (hessian) for ``method``."""
@@ -238,7 +239,7 @@ def profile(model, layout: MoELayout, method: str, config: ProfileConfig = Profi
         fingerprint: the model's fingerprint for the cache key (computed when None).
 
     Raises:
-        ValueError: for an unknown method, missing data, or ``fisher`` with ``self_kl``.
+        MopeqError: for an unknown method, missing data, or ``fisher`` with ``self_kl``.
     """
     if not isinstance(model, nn.Module):
         fingerprint, model = fingerprint or model.fingerprint, model.model
@@ -264,12 +265,12 @@ def profile(model, layout: MoELayout, method: str, config: ProfileConfig = Profi
 
 def _check(method: str, config: ProfileConfig, data) -> None:
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        raise MopeqError(f"unknown method {method!r}; choose one of {METHODS}")
     if method in DATA_METHODS and (data is None or not data.batches):
-        raise ValueError(f"{method} needs calibration data: pass "
+        raise MopeqError(f"{method} needs calibration data: pass "
                          "data=mopeq.sensitivity.calibration.calibration_batches(...)")
     if method == "fisher" and config.loss == "self_kl":
-        raise ValueError("fisher needs loss='ce': self_kl has zero gradient at the model")
+        raise MopeqError("fisher needs loss='ce': self_kl has zero gradient at the model")
 
 
 def _cache_key(fingerprint: str, method: str, config: ProfileConfig, data) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mopeq.core.errors import MopeqError
 from mopeq.model.archs.molmoe_weights import EXTRA_TOKENS, special_token_ids
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -158,7 +159,7 @@ def _rgb_array(image) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(image.convert("RGB")), dtype=np.uint8)
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] != 3:
-        raise ValueError(f"expected an RGB image (H, W, 3), got shape {arr.shape}")
+        raise MopeqError(f"expected an RGB image (H, W, 3), got shape {arr.shape}")
     return arr.astype(np.uint8)
 
 
