@@ -77,6 +77,7 @@ NAMES: tuple[str, ...] = tuple(BY_NAME)
 DATA_METHODS: tuple[str, ...] = tuple(m.name for m in TABLE if m.needs_data)
 DEFAULT_PROBES: dict[str, int] = {m.name: m.default_probes for m in TABLE if m.default_probes}
 ERROR_METHODS: tuple[str, ...] = tuple(m.name for m in TABLE if m.provides_errors)
+STOCHASTIC: tuple[str, ...] = tuple(m.name for m in TABLE if m.stochastic)  # read the seed
 
 
 def info(name: str) -> MethodInfo:

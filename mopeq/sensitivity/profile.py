@@ -79,10 +79,10 @@ def _used_by(*methods: str, default):
 class ProfileConfig:
     """Settings of ``profile``; each field names the methods whose result it determines."""
 
-    probes: int | None = _used_by("frobenius", "hessian", default=None)  # None: DEFAULT_PROBES
+    probes: int | None = _used_by(*DEFAULT_PROBES, default=None)  # None: DEFAULT_PROBES
     min_probes: int = _used_by("hessian", default=32)  # no early stop before this many
     tol: float = _used_by("hessian", default=1e-3)  # PyHessian: rel. change of the running mean
-    seed: int = _used_by("frobenius", "hessian", "block_fisher", default=D.SEED)
+    seed: int = _used_by(*methods.STOCHASTIC, default=D.SEED)
     closed_form: bool = _used_by("frobenius", default=False)
     normalize_per_layer: bool = _used_by(*METHODS, default=False)  # S_e / sum of its layer
     loss: str = _used_by("hessian", "fisher", default="ce")
