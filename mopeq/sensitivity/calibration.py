@@ -381,11 +381,7 @@ def route_counts(model: nn.Module, layout: MoELayout, batches: list[dict],
 
 
 def router_module(model: nn.Module, block) -> nn.Module:
-    """The router of an MoE block (what the routing hooks attach to).
-
-    Raises:
-        MopeqError: if discovery found no router for the block.
-    """
+    """The router of an MoE block, where routing hooks attach (MopeqError if it has none)."""
     if block.router_path is None:
         raise MopeqError(f"MoE block {block.path} has no router module to hook; add its "
                          "attribute name to mopeq.model.moe.ARCHS")
