@@ -28,9 +28,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from mopeq.allocation.allocate import AllocConfig, allocate, pareto, snap_per_layer  # noqa: E402
+from mopeq.allocation.allocate import AllocConfig, allocate  # noqa: E402
+from mopeq.allocation.bitmap import snap_per_layer  # noqa: E402
+from mopeq.allocation.budget import pareto  # noqa: E402
+from mopeq.core.layout import MoELayout  # noqa: E402
 from mopeq.core.memory import MemoryConfig, estimate  # noqa: E402
-from mopeq.model.moe import MoELayout, discover, layout_from_config  # noqa: E402
+from mopeq.model.moe import discover, layout_from_config  # noqa: E402
 
 
 def v3_layout() -> MoELayout:

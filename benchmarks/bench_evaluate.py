@@ -23,7 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 from mopeq.embedded import synthetic, tiny  # noqa: E402
-from mopeq.evaluation.evaluate import adapter_for, evaluate_samples, quick_subset, score_mme  # noqa: E402
+from mopeq.evaluation.adapters import adapter_for  # noqa: E402
+from mopeq.evaluation.evaluate import evaluate_samples, score_mme  # noqa: E402
+from mopeq.evaluation.mme_data import quick_subset  # noqa: E402
 from mopeq.model.loading import EMBEDDED, LoadedModel, ModelLoadError, load_model  # noqa: E402
 
 

@@ -24,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mopeq.core.layout import PROJECTIONS
 from mopeq.embedded import tiny
 from mopeq.model import moe
 from mopeq.model.loading import EMBEDDED_DIR, load_model  # noqa: E402
-from mopeq.sensitivity import calibration, estimators  # noqa: E402
+from mopeq.sensitivity import calibration  # noqa: E402
 from mopeq.sensitivity.profile import ProfileConfig, profile  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def best_of(repeats: int, fn) -> float:
 
 def pyhessian_loop(model, layout, batch, probes: int, seed: int = 0) -> float:
     """Global Hutchinson trace: one shared graph, one HVP per probe, one global dot product."""
-    params = [p for b in layout.blocks for p in estimators._block_params(model, b)]
+    params = [p for b in layout.blocks for p in moe.block_params(model, b)]
     gen = torch.Generator().manual_seed(seed)
     trace = 0.0
     with calibration.expert_grad_mode(model, params):
@@ -96,7 +97,7 @@ def bench_frobenius(model, layout, repeats: int) -> dict:
             "max_rel_diff": float(np.max(np.abs(hutch.scores / closed.scores - 1))),
             "max_rel_diff_per_projection": float(max(
                 np.max(np.abs(hutch.per_projection[p] / closed.per_projection[p] - 1))
-                for p in moe.PROJECTIONS))}
+                for p in PROJECTIONS))}
 
 
 def bench_methods(model, layout, data) -> dict:

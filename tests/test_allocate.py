@@ -6,19 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from mopeq.allocation.allocate import (
-    AllocConfig,
-    BitMap,
-    allocate,
-    kmeans_1d,
-    pareto,
-    predicted_loss,
-    quant_errors,
-    rtn,
-    snap_per_layer,
-    solve_mckp,
-    spread,
-)
+from mopeq.allocation.allocate import AllocConfig, allocate
+from mopeq.allocation.bitmap import BitMap, snap_per_layer
+from mopeq.allocation.budget import pareto, predicted_loss
+from mopeq.allocation.kmeans import kmeans_1d, spread
+from mopeq.allocation.knapsack import solve_mckp
+from mopeq.allocation.qerror import quant_errors, rtn
 from mopeq.core.memory import MemoryConfig, estimate
 from mopeq.model.moe import discover
 from tests.helpers import list_moe_from_fused, tiny_lm
@@ -487,3 +480,39 @@ def test_rtn_matches_auto_round():
             torch.testing.assert_close(rtn(w, bits, group, sym=True), ref_sym, rtol=0, atol=0)
             ref_asym = quant_tensor_asym(w.clone(), bits=bits, group_size=group)[0]
             torch.testing.assert_close(rtn(w, bits, group, sym=False), ref_asym, rtol=0, atol=0)
+
+
+def test_signature_defaults_are_the_run_defaults():
+    import inspect
+
+    from mopeq.allocation import qerror
+    from mopeq.core import defaults as D
+    from mopeq.sensitivity import expert_quant, report
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    for fn in (qerror.rtn, qerror.quant_errors, expert_quant.experts_quantized,
+               expert_quant.expert_quantized, expert_quant.bitmap_quantized):
+        assert (default(fn, "group_size"), default(fn, "sym")) == (D.GROUP_SIZE, D.SYM)
+    assert default(qerror.quant_errors, "bits") == default(pareto, "bits") == D.BITS
+    cfg = report.ReportConfig()
+    assert (cfg.bits, cfg.group_size, cfg.sym) == (D.BITS, D.GROUP_SIZE, D.SYM)
+
+
+def test_user_errors_are_mopeq_errors(layout, problem):
+    from mopeq.core.errors import MopeqError
+    from mopeq.model.loading import ModelLoadError
+    from mopeq.model.moe import NotMoEError
+    from mopeq.sensitivity.estimators import NoExpertGradient
+    from mopeq.sensitivity.measured import CostTooHigh
+
+    scores, errors = problem
+    with pytest.raises(MopeqError, match="method"):
+        AllocConfig(method="nope")
+    with pytest.raises(MopeqError, match="clusters"):
+        allocate(scores, layout, AllocConfig(clusters=25))
+    with pytest.raises(MopeqError, match="target_bits"):
+        allocate(scores, layout, AllocConfig(method="budget", target_bits=1.0), errors=errors)
+    assert all(issubclass(e, MopeqError)
+               for e in (ModelLoadError, NotMoEError, NoExpertGradient, CostTooHigh))

@@ -242,7 +242,7 @@ def test_frequency_allocation_judges_by_a_sensitivity(page):
     assert "frobenius" in pareto.layout.title.text
     frobenius = state.scores["frobenius"]
     errs = st.errors(st.ModelCache.key("embedded") and h.models.get("embedded"), (2, 3, 4), 128)
-    from mopeq.allocation.allocate import predicted_loss
+    from mopeq.allocation.budget import predicted_loss
 
     expected = predicted_loss(state.allocation.bitmap, frobenius, errs, (2, 3, 4))
     assert state.allocation.current["predicted_loss"] == pytest.approx(expected)

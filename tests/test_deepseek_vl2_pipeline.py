@@ -70,7 +70,8 @@ def test_every_stage_on_a_hub_layout_folder(tmp_path, capsys, structure):
 
 
 def test_generation_through_evaluate(tmp_path):
-    from mopeq.evaluation.evaluate import adapter_for, run_evaluation
+    from mopeq.evaluation.adapters import adapter_for
+    from mopeq.evaluation.evaluate import run_evaluation
 
     loaded = load_model(str(write_checkpoint("small", tmp_path / "hub")))
     adapter = adapter_for(loaded)

@@ -88,7 +88,9 @@ def test_the_stage_configs_built_from_the_default_spec_are_their_own_defaults():
 def test_the_cli_tables_match_the_library():
     from mopeq.allocation import allocate
 
-    assert cli_options.ALLOC_METHODS == allocate.METHODS
+    assert allocate.METHODS == methods.ALLOC_NAMES
+    assert tuple(_subparsers()["allocate"]._option_string_actions["--method"].choices) == (
+        methods.ALLOC_NAMES)
     assert SNAP_RULES == allocate.SNAP_RULES
     assert tuple(_subparsers()["profile"]._option_string_actions["--method"].choices) == (
         methods.NAMES)

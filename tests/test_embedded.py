@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mopeq.embedded import synthetic
+from mopeq.embedded import synthetic, tiny
 from mopeq.evaluation.evaluate import compare, run_evaluation
 from mopeq.model.loading import EMBEDDED_DIR, load_model
 from mopeq.model.moe import discover
@@ -99,3 +99,15 @@ def test_experts_carry_the_computation(embedded):
         model.get_submodule(block.experts_path).gate_up_proj.data.zero_()
     res = run_evaluation(dataclasses.replace(loaded, model=model), "synthetic", pairs=PAIRS)
     assert res.score < base.score - 0.25 * MAXIMUM
+
+
+def test_a_two_step_training_run_saves_a_loadable_model(tmp_path):
+    from mopeq.embedded import training
+
+    recipe = tiny.TinyRecipe(hidden_size=32, num_layers=1, num_experts=4, expert_ffn=32,
+                             batch_images=2).scaled(2)
+    log = training.train(tmp_path, recipe, eval_every=1, eval_pairs=2)
+    assert [p["step"] for p in log["curve"]] == [1, 2]
+    assert all(np.isfinite(p["loss"]) for p in log["curve"])
+    model, _ = tiny.load(tmp_path)
+    assert model.config.text_config.num_experts == 4

@@ -13,20 +13,18 @@ from PIL import Image
 from mopeq.embedded import synthetic, tiny
 from mopeq.evaluation import evaluate as ev
 from mopeq.evaluation import mme_data
+from mopeq.evaluation.adapters import HFVLMAdapter, TinyVLMAdapter, adapter_for
 from mopeq.evaluation.evaluate import (
     PROMPT_SUFFIX,
     EvalResult,
-    HFVLMAdapter,
-    TinyVLMAdapter,
-    adapter_for,
     answer_kl,
     compare,
     evaluate_samples,
     parse_answer,
-    quick_subset,
     run_evaluation,
     score_mme,
 )
+from mopeq.evaluation.mme_data import quick_subset
 from mopeq.model.loading import LoadedModel
 
 # --------------------------------------------------------------------------- parsing

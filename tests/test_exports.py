@@ -10,7 +10,8 @@ import transformers as T
 from mopeq.core.memory import MemoryConfig, estimate
 from mopeq.embedded import tiny
 from mopeq.model.moe import discover
-from mopeq.quantize.autoround import QuantConfig, export, layer_config, quantize
+from mopeq.quantize.autoround import QuantConfig, layer_config, quantize
+from mopeq.quantize.export import export
 from mopeq.quantize.snippets import PER_EXPERT_NOTE, PER_LAYER_NOTE, gptq_snippet
 from tests.helpers import CONFIGS, tiny_lm
 
@@ -146,3 +147,17 @@ def test_one_export_is_one_run_every_file_named_after_it(olmoe, tmp_path):
     assert np.allclose(frame["score"], used.scores.ravel())
     recipe = json.loads((tmp_path / f"{prefix}recipe.json").read_text())
     assert recipe["allocation"]["bits"] == alloc.bitmap.bits.tolist()
+
+
+def test_export_files_follow_the_table(tmp_path):
+    from mopeq.quantize.export import FILES, write_files
+
+    recipe = {"modules": {"model.layers.0.mlp.experts.0.up_proj": {"bits": 4, "group_size": 32,
+                                                                     "sym": True}},
+              "deployable_fused": False, "allocation": {"bits": [[4, 2]], "layers": [0]}}
+    written = write_files(recipe, tmp_path)
+    assert list(written) == [n for n in FILES if n != "llama_cpp_tensor_types.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)
+    recipe["deployable_fused"] = True
+    recipe["allocation"]["bits"] = [[4, 4]]
+    assert "llama_cpp_tensor_types.txt" in write_files(recipe, tmp_path)

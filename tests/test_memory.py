@@ -1,10 +1,22 @@
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from mopeq.core.errors import MopeqError
+from mopeq.core.layout import (
+    ExpertInfo,
+    MoEBlock,
+    MoELayout,
+    TensorInfo,
+    bitmap_array,
+    deployable_fused,
+)
 from mopeq.core.memory import (
     BREAKDOWN,
     LayoutArrays,
@@ -15,7 +27,7 @@ from mopeq.core.memory import (
     quantizable,
     storage_bits,
 )
-from mopeq.model.moe import ExpertInfo, MoEBlock, MoELayout, TensorInfo, discover
+from mopeq.model.moe import discover
 from tests.helpers import tiny_lm
 
 EXTRA_TENSORS = (
@@ -188,7 +200,7 @@ def test_layout_arrays_are_memoised_per_layout_object():
 
 def test_bad_inputs_raise_clear_errors():
     layout = synthetic_layout()
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(MopeqError, match="another model"):
         estimate(layout, np.full((3, 4), 4))
     with pytest.raises(ValueError, match="group_size"):
         MemoryConfig(group_size=0)
@@ -219,3 +231,24 @@ def test_deepseek_v3_scale_numbers():
     assert est.total_params == 671_026_404_352
     assert est.avg_bits_experts == pytest.approx(4 + 20 / 128)
     assert 340e9 < est.total_bytes < 360e9
+
+
+def test_numeric_core_imports_no_torch():
+    """The layout, memory, method table and allocation math load without torch."""
+    code = ("import sys; import mopeq.core.layout, mopeq.core.memory, mopeq.core.methods, "
+            "mopeq.allocation.allocate; print(sorted(m for m in sys.modules "
+            "if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_bitmap_shape_check_and_fused_deployability():
+    layout = synthetic_layout()
+    shape = (layout.num_moe_layers, layout.num_experts)
+    bits = np.full(shape, 4)
+    assert bitmap_array(bits, layout) is not None and deployable_fused(bits)
+    bits[0, 1] = 2
+    assert not deployable_fused(bits)
+    with pytest.raises(MopeqError, match="scores has shape"):
+        bitmap_array(np.zeros((shape[0], shape[1] + 1)), layout, "scores")

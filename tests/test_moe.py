@@ -109,7 +109,7 @@ def test_layout_from_config_needs_no_weights():
 
 
 def test_layout_round_trips_json():
-    from mopeq.model.moe import MoELayout
+    from mopeq.core.layout import MoELayout
 
     layout = discover(tiny_model("qwen2_moe"))
     assert MoELayout.loads(layout.dumps()) == layout

@@ -187,7 +187,8 @@ def test_reloading_an_export_leaves_later_olmoe_loads_intact(loaded, tmp_path):
     """auto-round's loader strips the expert-fusing conversions of ``olmoe`` process-wide."""
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-    from mopeq.quantize.autoround import QuantConfig, export, quantize
+    from mopeq.quantize.autoround import QuantConfig, quantize
+    from mopeq.quantize.export import export
 
     def embedded_state():
         return {k: v.clone() for k, v in load_model("embedded").model.state_dict().items()}

@@ -7,17 +7,13 @@ import pytest
 import torch
 
 from mopeq.embedded import synthetic, tiny
-from mopeq.evaluation.evaluate import TinyVLMAdapter, evaluate_samples
+from mopeq.evaluation.adapters import TinyVLMAdapter
+from mopeq.evaluation.evaluate import evaluate_samples
 from mopeq.model.loading import fingerprint_model, load_model
 from mopeq.model.moe import discover
-from mopeq.quantize.autoround import (
-    QuantConfig,
-    check_bitmap,
-    export,
-    gptq_dynamic,
-    layer_config,
-    quantize,
-)
+from mopeq.quantize.autoround import QuantConfig, check_bitmap, layer_config, quantize
+from mopeq.quantize.export import export
+from mopeq.quantize.snippets import gptq_dynamic
 from tests.helpers import list_moe_from_fused, tiny_lm
 
 CFG = QuantConfig(group_size=32)

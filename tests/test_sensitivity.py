@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 
+from mopeq.core.layout import PROJECTIONS
 from mopeq.embedded import tiny
 from mopeq.model import moe
-from mopeq.model.moe import PROJECTIONS, expert_weights
+from mopeq.model.moe import expert_weights
 from mopeq.sensitivity import calibration as C
 from mopeq.sensitivity.profile import ProfileConfig, Scores, profile
 from tests.helpers import list_moe_from_fused, tiny_lm
@@ -188,18 +189,19 @@ def test_hessian_within_stderr_of_brute_force(micro, loss):
 
 
 def test_transposed_fused_layout():
-    from mopeq.sensitivity import estimators
-
     model = micro_llama4()
     layout, data = moe.discover(model), random_data(32)
     assert all(b.fused and b.transposed for b in layout.blocks)
     for row, block in enumerate(layout.blocks):
-        params = estimators._block_params(model, block)
-        canon = estimators._canonical(block, params)
+        params = moe.block_params(model, block)
+        canon = moe.canonical(block, params)
+        i = params[0].shape[2] // 2  # stored [E, H, 2I] / [E, I, H]
+        assert torch.equal(canon["up"][1], params[0][1, :, i:].t())
+        assert torch.equal(canon["down"][1], params[1][1].t())
         for e in range(block.num_experts):
             w = expert_weights(model, layout, row, e)
             assert all(torch.equal(canon[p][e], w[p]) for p in PROJECTIONS)
-        back = estimators._from_canonical(block, canon)
+        back = moe.from_canonical(block, canon)
         assert all(torch.equal(a, b) for a, b in zip(back, params, strict=True))
     exact = exact_traces(model, layout, data.batches[0], "ce")
     s = profile(model, layout, "hessian",

@@ -5,8 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from mopeq.embedded import synthetic
-from mopeq.embedded.synthetic import CATEGORIES, COLORS, EVAL_SPLIT, TRAIN_SPLIT, make_sample
+from mopeq.embedded import glyphs, scenes, synthetic
+from mopeq.embedded.scenes import COLORS
+from mopeq.embedded.synthetic import CATEGORIES, EVAL_SPLIT, TRAIN_SPLIT, make_sample
 
 N = 12  # images per category in these tests
 
@@ -82,7 +83,7 @@ def _truth(sample, text: str) -> bool:
     if m := re.fullmatch(r"Is the word (\w+) written in the image\?", text):
         return (sample.scene.text or "").lower() == m.group(1)
     if m := re.fullmatch(r"Is this a photo of (\w+ \w+)\?", text):
-        return synthetic.landmark_name(sample.scene.landmark) == m.group(1)
+        return scenes.landmark_name(sample.scene.landmark) == m.group(1)
     raise AssertionError(f"unknown question form: {text}")
 
 
@@ -95,8 +96,8 @@ def test_answers_are_true_of_the_scene(split):
 def test_objects_are_drawn_in_their_colour(split):
     for s in (x for x in split if x.category in ("existence", "landmark")):
         for o in s.scene.objects:
-            cy = o.row * synthetic.CELL + synthetic.CELL // 2 + o.dy
-            cx = o.col * synthetic.CELL + synthetic.CELL // 2 + o.dx
+            cy = o.row * scenes.CELL + scenes.CELL // 2 + o.dy
+            cx = o.col * scenes.CELL + scenes.CELL // 2 + o.dx
             assert tuple(s.image[cy, cx]) == COLORS[o.color]
 
 
@@ -111,8 +112,8 @@ def test_train_stream_cycles_categories_and_never_repeats_eval_scenes():
 
 
 def test_landmark_catalogue_is_fixed_and_every_entry_is_distinct():
-    prints = synthetic.landmark_blueprints()
-    assert len(prints) == synthetic.N_LANDMARKS == len(set(synthetic._landmark_names()))
+    prints = scenes.landmark_blueprints()
+    assert len(prints) == scenes.N_LANDMARKS == len(set(scenes.landmark_names()))
     for i, a in enumerate(prints):
         assert len(a) == 3
         for b in prints[:i]:
@@ -124,16 +125,16 @@ def test_landmark_catalogue_is_fixed_and_every_entry_is_distinct():
 
 
 def test_every_text_a_scene_shows_has_a_class_and_renders_inside_the_image(split):
-    classes = synthetic.text_classes()
+    classes = scenes.text_classes()
     for s in split:
         if s.scene.text:
             assert s.scene.text in classes
             x, _ = s.scene.text_xy
-            assert x + synthetic.glyphs.text_width(s.scene.text) <= synthetic.IMAGE_SIZE
+            assert x + glyphs.text_width(s.scene.text) <= scenes.IMAGE_SIZE
 
 
 def test_vocabulary_covers_every_question_and_caption(split):
-    vocab = set(synthetic.vocabulary())
+    vocab = set(scenes.vocabulary())
     for s in split:
         for text in [q.text for q in s.questions] + [s.caption]:
             words = re.findall(r"\w+|[^\w\s]", text.lower())

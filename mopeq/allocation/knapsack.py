@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mopeq.core.errors import MopeqError
+
 SOLVERS = ("auto", "dp", "greedy")
 DP_MAX_CELLS = 2_000_000  # items x capacity units under which "auto" solves exactly ...
 DP_MAX_ITEMS = 2048  # ... when there are no more experts than this (one numpy pass per item)
@@ -130,16 +132,16 @@ def solve_mckp(costs: np.ndarray, losses: np.ndarray, capacity: int,
         Option index per item, and {solver, lower_bound, gap_bound}.
 
     Raises:
-        ValueError: if even the cheapest options exceed the capacity.
+        MopeqError: if even the cheapest options exceed the capacity.
     """
     costs = np.asarray(costs, dtype=np.int64)
     if int(costs.min(1).sum()) > capacity:
-        raise ValueError(f"infeasible: the cheapest choice costs {int(costs.min(1).sum())} "
+        raise MopeqError(f"infeasible: the cheapest choice costs {int(costs.min(1).sum())} "
                          f"> capacity {capacity}")
     units, cap = _dp_units(costs, capacity)
     cells = len(costs) * (cap + 1)
     if solver == "dp" and cells > 50 * DP_MAX_CELLS:
-        raise ValueError(f"solver 'dp' would need {cells:.3g} cells; use 'greedy' or 'auto'")
+        raise MopeqError(f"solver 'dp' would need {cells:.3g} cells; use 'greedy' or 'auto'")
     if solver == "dp" or (solver == "auto" and cells <= DP_MAX_CELLS
                           and len(costs) <= DP_MAX_ITEMS):
         return _mckp_dp(units, losses, cap)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mopeq.core.errors import MopeqError
 from mopeq.core.memory import bit_set
 
 
@@ -21,14 +22,14 @@ def _as_array(scores) -> np.ndarray:
 
 def _errors_array(errors, shape: tuple[int, int], bits: tuple[int, ...]) -> np.ndarray:
     if errors is None:
-        raise ValueError("method 'budget' needs errors=quant_errors(model, layout, bits) "
+        raise MopeqError("method 'budget' needs errors=quant_errors(model, layout, bits) "
                          "(an [L, E, len(bits)] array)")
     e = np.asarray(errors, dtype=float)
     if e.shape != (*shape, len(bits)):
-        raise ValueError(f"errors have shape {e.shape}, expected {(*shape, len(bits))} "
+        raise MopeqError(f"errors have shape {e.shape}, expected {(*shape, len(bits))} "
                          f"(MoE layers x experts x bits {bits})")
     if not np.isfinite(e).all() or (e < 0).any():
-        raise ValueError("errors must be finite and >= 0")
+        raise MopeqError("errors must be finite and >= 0")
     return e
 
 
@@ -36,7 +37,7 @@ def method_errors(scores, bits: tuple[int, ...]) -> np.ndarray | None:
     """The scores' own ε_e(b) [L, E, len(bits)] for ``bits``, or None if they carry none.
 
     Raises:
-        ValueError: if the scores' errors do not cover every width of ``bits``.
+        MopeqError: if the scores' errors do not cover every width of ``bits``.
     """
     errors = getattr(scores, "errors", None)
     if errors is None:
@@ -44,7 +45,7 @@ def method_errors(scores, bits: tuple[int, ...]) -> np.ndarray | None:
     have = list(getattr(scores, "error_bits", None) or [])
     missing = [b for b in bit_set(bits) if b not in have]
     if missing:
-        raise ValueError(f"the {getattr(scores, 'method', '')} scores hold errors for widths "
+        raise MopeqError(f"the {getattr(scores, 'method', '')} scores hold errors for widths "
                          f"{have}, not {missing}: recompute them with ProfileConfig(bits=...)")
     return np.asarray(errors, dtype=float)[..., [have.index(b) for b in bit_set(bits)]]
 

@@ -11,13 +11,15 @@ from collections.abc import Callable
 import numpy as np
 
 from mopeq.core import cache
+from mopeq.core import defaults as D
+from mopeq.core.errors import MopeqError
+from mopeq.core.layout import MoELayout
 from mopeq.core.memory import FP_BITS, LayoutArrays, bit_set, quantizable
-from mopeq.model.moe import MoELayout
 
 QUANT_ERRORS_VERSION = 1
 
 
-def rtn(weight, bits: int, group_size: int = 128, sym: bool = True):
+def rtn(weight, bits: int, group_size: int = D.GROUP_SIZE, sym: bool = D.SYM):
     """Round-to-nearest quantize-dequantize of a 2-D [out, in] weight, as auto-round's int RTN.
 
     Groups run along the input dim (``group_size=-1``: one per row); scales are fp16. ``sym``
@@ -30,7 +32,7 @@ def rtn(weight, bits: int, group_size: int = 128, sym: bool = True):
     w = weight.detach().float()
     g = w.shape[1] if group_size == -1 else group_size
     if w.dim() != 2 or w.shape[1] % g:
-        raise ValueError(f"rtn needs a 2-D weight whose in_features divide by {g}, "
+        raise MopeqError(f"rtn needs a 2-D weight whose in_features divide by {g}, "
                          f"got {tuple(w.shape)}")
     x = w.reshape(-1, g)
     wmin, wmax = torch.aminmax(x, dim=-1)
@@ -49,8 +51,8 @@ def rtn(weight, bits: int, group_size: int = 128, sym: bool = True):
     return (scale * (q - zp)).reshape(w.shape)
 
 
-def quant_errors(model, layout: MoELayout, bits: tuple[int, ...] = (2, 3, 4),
-                 group_size: int = 128, sym: bool = True, fingerprint: str | None = None,
+def quant_errors(model, layout: MoELayout, bits: tuple[int, ...] = D.BITS,
+                 group_size: int = D.GROUP_SIZE, sym: bool = D.SYM, fingerprint: str | None = None,
                  on_progress: Callable[[float, str], None] | None = None) -> np.ndarray:
     """[L, E, B] ``||Q_b(W) - W||_F^2`` summed over each expert's gate/up/down (sorted ``bits``).
 

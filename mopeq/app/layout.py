@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 
 import gradio as gr
 
+from mopeq.allocation.bitmap import SNAP_RULES
 from mopeq.app import state as st
 from mopeq.app import text, view
 from mopeq.core import defaults, methods
@@ -20,7 +21,7 @@ from mopeq.core import defaults, methods
 BIT_CHOICES = [2, 3, 4, 8]
 BASE_BIT_CHOICES = [2, 3, 4, 8, 16]  # 16: left in bf16
 GROUP_SIZES = [32, 64, 128]
-SNAPS = ["none", "mean", "max", "min"]  # one width per layer for fused-MoE engines ("none": off)
+SNAPS = ["none", *SNAP_RULES]  # one width per layer for fused-MoE engines ("none": off)
 CLUSTER_RANGE = (1, 8)
 PROBE_RANGE = (2, 256)
 PAIR_RANGE = (10, 200, 10)  # min, max, step of the MME image pairs

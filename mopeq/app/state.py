@@ -53,8 +53,8 @@ from mopeq.workflow.spec import RunSpec
 from mopeq.workflow.workspace import EXPORT_SNIPPETS, Workspace
 
 if TYPE_CHECKING:
+    from mopeq.core.layout import MoELayout
     from mopeq.model.loading import LoadedModel
-    from mopeq.model.moe import MoELayout
     from mopeq.sensitivity.profile import Scores
     from mopeq.workflow.workspace import Allocation, Run
 
@@ -62,7 +62,7 @@ Progress = Callable[[float, str], None]
 EMBEDDED = D.MODEL_SOURCE
 # the libraries' method names (tests check they match), here to keep ``import app`` light
 SCORE_METHODS = methods.NAMES  # the torch-free method table, as mopeq.sensitivity.profile.METHODS
-ALLOC_METHODS = ("kmeans", "budget", "uniform", "frequency", "random")  # allocate.METHODS
+ALLOC_METHODS = methods.ALLOC_NAMES  # the torch-free allocation table
 CACHE_SIZE = 2  # loaded models kept; the free Spaces CPU has 16 GB
 MEMO_SIZE = 16  # scores / error tables remembered per model
 

@@ -105,7 +105,7 @@ def _read_scores(path: str):
 
 
 def _read_bitmap(path: str):
-    from mopeq.allocation.allocate import BitMap
+    from mopeq.allocation.bitmap import BitMap
     from mopeq.workflow.workspace import user_errors
 
     d = _read_json(path)
@@ -153,7 +153,7 @@ def cmd_train_tiny(args) -> int:
     """Train the embedded tiny VLM from its recipe."""
     import torch
 
-    from mopeq.embedded import tiny
+    from mopeq.embedded import tiny, training
 
     out = Path(args.out).resolve()
     assets = (Path(__file__).resolve().parents[2] / "assets").resolve()
@@ -165,10 +165,10 @@ def cmd_train_tiny(args) -> int:
     if args.steps:
         recipe = recipe.scaled(args.steps)
     start = time.perf_counter()
-    log = tiny.train(args.out, recipe, minutes=args.minutes, init_from=args.init_from,
-                     start_phase=args.start_phase, checkpoint_every=args.checkpoint_every,
-                     eval_every=args.eval_every,
-                     on_progress=lambda _step, point: print(point, flush=True))
+    log = training.train(args.out, recipe, minutes=args.minutes, init_from=args.init_from,
+                         start_phase=args.start_phase, checkpoint_every=args.checkpoint_every,
+                         eval_every=args.eval_every,
+                         on_progress=lambda _step, point: print(point, flush=True))
     print(json.dumps({"wall_minutes": round((time.perf_counter() - start) / 60, 2),
                       "stopped_early": log["stopped_early"], "out": args.out}))
     return 0

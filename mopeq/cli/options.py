@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 
+from mopeq.allocation.bitmap import SNAP_RULES
 from mopeq.core import defaults as D
 from mopeq.core import methods
-from mopeq.workflow.spec import SNAP_RULES, RunSpec
-
-ALLOC_METHODS = ("kmeans", "budget", "uniform", "frequency", "random")  # allocate.METHODS
+from mopeq.workflow.spec import RunSpec
 
 
 def _numbers_arg(cast: type, what: str):
@@ -63,7 +62,8 @@ def _eval_options(sp, seed: bool = True, what: str = "image pairs") -> None:
 
 
 def _alloc_options(sp) -> None:
-    sp.add_argument("--method", default=SPEC.alloc_method, choices=list(ALLOC_METHODS))
+    sp.add_argument("--method", default=SPEC.alloc_method, choices=list(methods.ALLOC_NAMES),
+                    help="; ".join(f"{m.name}: {m.label}" for m in methods.ALLOCATORS))
     sp.add_argument("--clusters", type=int, default=SPEC.clusters)
     sp.add_argument("--bits", type=_ints_arg, default=SPEC.bits)
     sp.add_argument("--scope", default=SPEC.scope, choices=["model", "layer"])

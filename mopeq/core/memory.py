@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mopeq.core import defaults as D
-from mopeq.model.moe import MoELayout
+from mopeq.core.errors import MopeqError
+from mopeq.core.layout import MoELayout, bitmap_array
 
 FP_BITS = 16
 # bits per element of a tensor kept unquantized, by its stored dtype (default: 16-bit floats)
@@ -69,9 +70,9 @@ class MemoryConfig:
     def __post_init__(self):
         if not isinstance(self.group_size, int) or not (self.group_size == -1
                                                         or self.group_size >= 1):
-            raise ValueError(f"group_size must be a positive int or -1, got {self.group_size!r}")
+            raise MopeqError(f"group_size must be a positive int or -1, got {self.group_size!r}")
         if not isinstance(self.base_bits, int) or not 1 <= self.base_bits <= FP_BITS:
-            raise ValueError(f"base_bits must be an int in 1..16, got {self.base_bits!r}")
+            raise MopeqError(f"base_bits must be an int in 1..16, got {self.base_bits!r}")
 
 
 def bit_set(bits) -> tuple[int, ...]:
@@ -79,18 +80,18 @@ def bit_set(bits) -> tuple[int, ...]:
     try:
         values = tuple(bits)
     except TypeError:
-        raise ValueError(f"bits must be a collection of bit widths, got {bits!r}") from None
+        raise MopeqError(f"bits must be a collection of bit widths, got {bits!r}") from None
     if not values:
-        raise ValueError("bits is empty: give at least one bit width, e.g. bits=(2, 3, 4)")
+        raise MopeqError("bits is empty: give at least one bit width, e.g. bits=(2, 3, 4)")
     bad = [b for b in values if isinstance(b, bool) or not isinstance(b, (int, np.integer))
            or not 1 <= b <= FP_BITS]
     if bad:
-        raise ValueError(f"bit widths must be ints in 1..16, got {bad}")
+        raise MopeqError(f"bit widths must be ints in 1..16, got {bad}")
     return tuple(sorted({int(b) for b in values}))
 
 
 def takes_base_bits(tensor) -> bool:
-    """Whether a non-expert tensor (``moe.TensorInfo``) is asked for the base bits.
+    """Whether a non-expert tensor (``layout.TensorInfo``) is asked for the base bits.
 
     The one rule shared by the estimate and ``quantize.layer_config``: a 2-D ``nn.Linear``
     weight of a component in ``BASE_COMPONENTS``; everything else stays in its stored dtype.
@@ -216,7 +217,7 @@ class LayoutArrays:
         """Build the arrays (no memo; prefer ``LayoutArrays.of``)."""
         shape = (layout.num_moe_layers, layout.num_experts)
         if len(layout.experts) != shape[0] * shape[1]:
-            raise ValueError("every MoE layer must have the same number of routed experts; "
+            raise MopeqError("every MoE layer must have the same number of routed experts; "
                              f"got {[b.num_experts for b in layout.blocks]}")
         dims = np.array([[e.shapes[p] for p in ("gate", "up", "down")] for e in layout.experts],
                         dtype=np.int64).reshape(*shape, 3, 2)
@@ -319,14 +320,6 @@ class MemoryEstimate:
         return out
 
 
-def _bits_array(bitmap, shape: tuple[int, int]) -> np.ndarray:
-    bits = np.asarray(getattr(bitmap, "bits", bitmap))
-    if bits.shape != tuple(shape):
-        raise ValueError(f"bit map has shape {bits.shape}, the layout needs {tuple(shape)} "
-                         "(MoE layers x experts)")
-    return bits.astype(np.int64, copy=False)
-
-
 def expert_cost_table(layout: MoELayout, bits: tuple[int, ...],
                       config: MemoryConfig) -> np.ndarray:
     """[L, E, B] storage bits of each routed expert at each width of ``bits``."""
@@ -357,12 +350,12 @@ def estimate(layout: MoELayout, bitmap, config: MemoryConfig | None = None) -> M
     """Memory of ``layout`` quantized with ``bitmap`` (a ``BitMap`` or an [L, E] int array).
 
     Raises:
-        ValueError: if the bit map's shape does not match the layout.
+        MopeqError: if the bit map's shape does not match the layout.
     """
     config = config or MemoryConfig()
     arrays = LayoutArrays.of(layout)
     terms = arrays.terms(config.group_size)
-    bits = _bits_array(bitmap, arrays.shape)
+    bits = bitmap_array(bitmap, layout).astype(np.int64, copy=False)
     e_bits, e_q = terms.bits(bits), bits < FP_BITS
     t_bits, t_numel = tensor_bits(arrays, config), arrays.t_out * arrays.t_in
     t_q = _tensor_quantized(arrays, config)

@@ -1,14 +1,18 @@
-"""The table of sensitivity methods: one row per method, read by every front end.
+"""The method tables: one row per sensitivity method and one per allocation method.
 
-Torch-free on purpose (``import app`` stays light). Adding a method means writing its estimator
-(``sensitivity.estimators.ESTIMATORS`` or a module of its own registered there) and adding one row
-here; the CLI choices, the app's dropdowns, the data requirement, probe defaults and the budget
+Torch-free on purpose (``import app`` stays light). Adding a method means writing its function in
+a module of its own (or beside its kin) and adding one row here that names it
+(``"module:function"``, imported only when the method runs); the CLI choices, the app's
+dropdowns, the data requirement, probe defaults, the settings each method reads and the budget
 allocator's use of per-bit errors all follow from the row.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+
+from mopeq.core.errors import MopeqError
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class MethodInfo:
             ``score x RTN weight error``.
         needs_grad: it back-propagates to the expert weights (fails on models whose expert
             path runs under ``torch.no_grad``).
+        estimator: ``"module:function"`` of its estimator, called as
+            ``(model, layout, config, data, progress)`` (``sensitivity.estimators``).
     """
 
     name: str
@@ -38,22 +44,29 @@ class MethodInfo:
     uses_clusters: bool = True
     provides_errors: bool = False
     needs_grad: bool = False
+    estimator: str = ""
 
 
+_EST = "mopeq.sensitivity.estimators:"
 TABLE: tuple[MethodInfo, ...] = (
     MethodInfo("frobenius", "paper's data-free baseline: Hutchinson trace of ||W||_F (MoPEQ)",
-               needs_data=False, stochastic=True, default_probes=100),
+               needs_data=False, stochastic=True, default_probes=100,
+               estimator=_EST + "_frobenius"),
     MethodInfo("hessian", "Hutchinson trace of the calibration-loss Hessian", needs_data=True,
-               stochastic=True, default_probes=64, needs_grad=True),
+               stochastic=True, default_probes=64, needs_grad=True, estimator=_EST + "_hessian"),
     MethodInfo("fisher", "empirical Fisher trace of the calibration loss", needs_data=True,
-               needs_grad=True),
-    MethodInfo("frequency", "routing frequency on calibration data", needs_data=True),
+               needs_grad=True, estimator=_EST + "_fisher"),
+    MethodInfo("frequency", "routing frequency on calibration data", needs_data=True,
+               estimator=_EST + "_frequency"),
     MethodInfo("block_error", "MoE block output error of each RTN-quantized expert (one pass)",
-               needs_data=True, uses_clusters=False, provides_errors=True),
+               needs_data=True, uses_clusters=False, provides_errors=True,
+               estimator="mopeq.sensitivity.block_error:_block_error"),
     MethodInfo("block_fisher", "Fisher-weighted MoE block output error (approx. answer KL)",
-               needs_data=True, stochastic=True, uses_clusters=False, provides_errors=True),
+               needs_data=True, stochastic=True, uses_clusters=False, provides_errors=True,
+               estimator="mopeq.sensitivity.block_error:_block_fisher"),
     MethodInfo("measured", "ground truth: answer KL with one expert RTN-quantized at a time",
-               needs_data=True, uses_clusters=False, provides_errors=True),
+               needs_data=True, uses_clusters=False, provides_errors=True,
+               estimator="mopeq.sensitivity.measured:_measured"),
 )
 BY_NAME: dict[str, MethodInfo] = {m.name: m for m in TABLE}
 # The data-aware method the sensitivity report ranks best on the embedded model (Spearman 0.97
@@ -63,14 +76,70 @@ RECOMMENDED = "block_fisher"
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 DATA_METHODS: tuple[str, ...] = tuple(m.name for m in TABLE if m.needs_data)
 DEFAULT_PROBES: dict[str, int] = {m.name: m.default_probes for m in TABLE if m.default_probes}
+ERROR_METHODS: tuple[str, ...] = tuple(m.name for m in TABLE if m.provides_errors)
+STOCHASTIC: tuple[str, ...] = tuple(m.name for m in TABLE if m.stochastic)  # read the seed
 
 
 def info(name: str) -> MethodInfo:
     """The row of ``name``.
 
     Raises:
-        ValueError: for an unknown method (the message lists the known ones).
+        MopeqError: for an unknown method (the message lists the known ones).
     """
     if name not in BY_NAME:
-        raise ValueError(f"unknown method {name!r}; choose one of {NAMES}")
+        raise MopeqError(f"unknown method {name!r}; choose one of {NAMES}")
     return BY_NAME[name]
+
+
+def resolve(ref: str):
+    """The function a row names as ``"module:function"`` (its module imported now)."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+# ------------------------------------------------------------------ allocation methods
+
+
+@dataclass(frozen=True)
+class AllocatorInfo:
+    """What the rest of mopeq needs to know about an allocation method.
+
+    Attributes:
+        name: the method name (``AllocConfig.method``, CLI, API).
+        label: a short human description (dropdowns, reports).
+        handler: ``"module:function"`` called as ``(inputs, layout, config) -> BitMap``
+            (``allocation.bitmap.AllocInputs``).
+        uses_clusters: reads ``clusters`` (and ``log_scores``, ``n_init``).
+        uses_scope: reads ``scope`` (model- or layer-wise).
+        uses_target: needs exactly one of ``target_bits`` / ``target_gb``.
+        uses_uniform_bits: reads ``uniform_bits``.
+        needs_scores: the result depends on the scores.
+        needs_errors: uses per-width quantization errors (``quant_errors`` or the scores' own).
+    """
+
+    name: str
+    label: str
+    handler: str
+    uses_clusters: bool = False
+    uses_scope: bool = False
+    uses_target: bool = False
+    uses_uniform_bits: bool = False
+    needs_scores: bool = True
+    needs_errors: bool = False
+
+
+_ALLOC = "mopeq.allocation."
+ALLOCATORS: tuple[AllocatorInfo, ...] = (
+    AllocatorInfo("kmeans", "MoPEQ: k-means clusters of the scores, most sensitive -> most bits",
+                  _ALLOC + "kmeans:kmeans_map", uses_clusters=True, uses_scope=True),
+    AllocatorInfo("budget", "least predicted loss within a memory target (bits or GB)",
+                  _ALLOC + "budget:budget_map", uses_target=True, needs_errors=True),
+    AllocatorInfo("uniform", "every expert at one width", _ALLOC + "baselines:uniform_map",
+                  uses_uniform_bits=True, needs_scores=False),
+    AllocatorInfo("frequency", "k-means clusters of routing frequencies",
+                  _ALLOC + "kmeans:kmeans_map", uses_clusters=True, uses_scope=True),
+    AllocatorInfo("random", "the k-means map's bits, shuffled (seeded)",
+                  _ALLOC + "baselines:random_map", uses_clusters=True, uses_scope=True),
+)
+ALLOC_BY_NAME: dict[str, AllocatorInfo] = {m.name: m for m in ALLOCATORS}
+ALLOC_NAMES: tuple[str, ...] = tuple(ALLOC_BY_NAME)

@@ -1,4 +1,4 @@
-"""The embedded default: a tiny MoE vision-language model, and its reproducible training.
+"""The embedded default: a tiny MoE vision-language model, its processor and its recipe.
 
 Layout (LLaVA style): a small CNN sees a 64x64 image as a 4x4 grid of 16 tokens, an MLP
 projector maps them into the width of a transformers MoE language model, and the model answers
@@ -9,7 +9,8 @@ a dense first layer and a shared expert beside the routed ones) is available as
 experts and attention did the work: zeroing every routed expert cost under 20 of 1000 points,
 so per-expert quantization could not show anything. The prompt is ``question, image tokens,
 question again, <answer>``. Everything is built from configs and saved in Hugging Face format
-(config.json, model.safetensors, tokenizer.json); no remote code.
+(config.json, model.safetensors, tokenizer.json); no remote code. ``embedded.training`` trains
+it from a ``TinyRecipe``.
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -37,7 +36,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mopeq.embedded import synthetic
+from mopeq.core.errors import MopeqError
+from mopeq.embedded import scenes
 
 MODEL_TYPE = "mopeq_tiny_vlm"
 VALIDATION_SEED = 1  # training curves and checkpoint choice use eval_split(seed=1), not seed 0
@@ -155,7 +155,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-    for word in synthetic.vocabulary() + ["describe"]:
+    for word in scenes.vocabulary() + ["describe"]:
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -288,112 +288,9 @@ def build_config(recipe: TinyRecipe, vocab_size: int) -> TinyVLMConfig:
             q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
             v_head_dim=h // 4, n_routed_experts=recipe.num_experts, n_shared_experts=1,
             first_k_dense_replace=1)
-    return TinyVLMConfig(text_config=text, num_words=len(synthetic.text_classes()) + 1,
-                         num_cell_classes=(len(synthetic.SHAPES) + 1, len(synthetic.COLORS) + 1),
+    return TinyVLMConfig(text_config=text, num_words=len(scenes.text_classes()) + 1,
+                         num_cell_classes=(len(scenes.SHAPES) + 1, len(scenes.COLORS) + 1),
                          repeat_question=recipe.repeat_question)
-
-
-# -------------------------------------------------------------------------- training
-
-
-def _scene_targets(samples: Sequence[synthetic.Sample], grid: int) -> tuple[torch.Tensor, ...]:
-    """Per-cell shape/colour classes and the word class of each sample (0 = none)."""
-    shapes = torch.zeros((len(samples), grid * grid), dtype=torch.long)
-    colors = torch.zeros_like(shapes)
-    words = torch.zeros(len(samples), dtype=torch.long)
-    color_names = list(synthetic.COLORS)
-    texts = synthetic.text_classes()
-    for i, s in enumerate(samples):
-        for o in s.scene.objects:
-            shapes[i, o.row * grid + o.col] = synthetic.SHAPES.index(o.shape) + 1
-            colors[i, o.row * grid + o.col] = color_names.index(o.color) + 1
-        if s.scene.text:
-            words[i] = texts.index(s.scene.text) + 1
-    return shapes, colors, words
-
-
-def _training_batch(samples, processor: TinyVLMProcessor) -> dict:
-    """Right-padded sequences: both questions of every image, then its caption."""
-    tok = processor.tokenizer
-    rows, labels, image_index = [], [], []
-    describe = tok.convert_tokens_to_ids("<describe>")
-    for i, s in enumerate(samples):
-        for q in s.questions:
-            prompt = processor.prompt_ids(q.text)
-            answer = tok(q.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            rows.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)
-            image_index.append(i)
-        cap = tok(s.caption, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        prompt = [tok.bos_token_id, describe, *[processor.image_id] * processor.num_image_tokens,
-                  processor.answer_id]
-        rows.append(prompt + cap)
-        labels.append([-200] * len(prompt) + cap)  # -200 marks caption positions (weighted)
-        image_index.append(i)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    lab = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for j, (r, lb) in enumerate(zip(rows, labels, strict=True)):
-        ids[j, : len(r)] = torch.tensor(r)
-        lab[j, : len(lb)] = torch.tensor(lb)
-        mask[j, : len(r)] = 1
-    is_caption = torch.tensor([k % 3 == 2 for k in range(len(rows))])
-    return {"input_ids": ids, "labels": lab, "attention_mask": mask,
-            "image_index": torch.tensor(image_index), "is_caption": is_caption}
-
-
-def _router_balance_loss(router_logits: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
-    """Switch-style load-balancing loss, averaged over MoE layers."""
-    total = 0.0
-    for logits in router_logits:
-        probs = logits.float().softmax(-1)
-        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, -1).indices, 1.0)
-        total = total + probs.shape[-1] * (chosen.mean(0) / top_k * probs.mean(0)).sum()
-    return total / max(len(router_logits), 1)
-
-
-def _lr_factor(step: int, phase: Phase) -> float:
-    if step < phase.warmup:
-        return (step + 1) / phase.warmup
-    decay_start = int(phase.steps * (1 - phase.decay_fraction))
-    if step < decay_start:
-        return 1.0
-    return max(0.0, (phase.steps - step) / max(phase.steps - decay_start, 1))
-
-
-def training_step(model: TinyMoEVLM, processor, samples, recipe: TinyRecipe) -> dict:
-    """Loss of one batch: answers + weighted captions + vision auxiliaries + router balance."""
-    batch = _training_batch(samples, processor)
-    images = pixel_values([s.image for s in samples])
-    feats = model.vision_tower(images)
-    vision = model.projector(feats)
-    embeds = model.language_model.get_input_embeddings()(batch["input_ids"])
-    per_row = vision[batch["image_index"]]
-    mask = batch["input_ids"] == model.config.image_token_id
-    embeds = embeds.masked_scatter(mask.unsqueeze(-1), per_row.reshape(-1, per_row.shape[-1]))
-    out = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                               output_router_logits=True)
-    logits = out.logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    caption_pos = labels == -200
-    labels = labels.masked_fill(caption_pos, -100)
-    tok_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=-100, reduction="none").view(labels.shape)
-    answer_mask = (labels != -100) & ~batch["is_caption"].unsqueeze(1)
-    caption_mask = (labels != -100) & batch["is_caption"].unsqueeze(1)
-    answer_loss = tok_loss[answer_mask].mean()
-    caption_loss = tok_loss[caption_mask].mean() if caption_mask.any() else answer_loss * 0
-    shapes, colors, words = _scene_targets(samples, model.config.grid)
-    vt = model.vision_tower
-    aux = (F.cross_entropy(vt.aux_shape(feats).flatten(0, 1), shapes.flatten())
-           + F.cross_entropy(vt.aux_color(feats).flatten(0, 1), colors.flatten())
-           + F.cross_entropy(vt.aux_word(feats.mean(1)), words))
-    balance = _router_balance_loss(out.router_logits, recipe.top_k)
-    loss = (answer_loss + recipe.caption_weight * caption_loss + recipe.aux_weight * aux
-            + recipe.router_aux_weight * balance)
-    return {"loss": loss, "answer": answer_loss.detach(), "caption": caption_loss.detach(),
-            "aux": aux.detach(), "balance": balance.detach()}
 
 
 def new_model(recipe: TinyRecipe) -> tuple[TinyMoEVLM, TinyVLMProcessor]:
@@ -403,93 +300,6 @@ def new_model(recipe: TinyRecipe) -> tuple[TinyMoEVLM, TinyVLMProcessor]:
     config = build_config(recipe, vocab_size=len(tokenizer))
     model = TinyMoEVLM(config)
     return model, processor_for(model, tokenizer)
-
-
-def train(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), minutes: float | None = None,
-          eval_every: int = 500, eval_pairs: int = 40, init_from: str | Path | None = None,
-          start_phase: int = 0, checkpoint_every: int | None = None, report_every: int = 50,
-          on_progress: Callable[[float, str], None] | None = None) -> dict:
-    """Train the tiny VLM phase by phase (fixed step counts); save it; return the log.
-
-    Between phases the weights are rounded to bf16, exactly as a saved checkpoint holds them,
-    so resuming from a saved phase (``init_from`` + ``start_phase``) reproduces a full run.
-    ``minutes`` caps the wall time of a phase (the log then says it stopped early). The
-    curve is measured on a *validation* split (``VALIDATION_SEED``), never on the held-out
-    split the bar is measured on, so choosing a checkpoint by it does not peek at the test
-    data. ``checkpoint_every`` saves ``out_dir/checkpoints/step-N`` along the way.
-    """
-    if init_from is not None:
-        model, processor = load(init_from)
-        prior = Path(init_from, "training_log.json")
-        log = json.loads(prior.read_text()) if prior.exists() else {"curve": []}
-    else:
-        model, processor = new_model(recipe)
-        log = {"curve": []}
-    log.update(recipe=asdict(recipe), stopped_early=False)
-    model.language_model.set_experts_implementation("grouped_mm")
-    quick = synthetic.eval_split(eval_pairs, seed=VALIDATION_SEED)
-    ctx = {"processor": processor, "quick": quick, "eval_every": eval_every, "log": log,
-           "on_progress": on_progress, "minutes": minutes, "out_dir": Path(out_dir),
-           "checkpoint_every": checkpoint_every, "report_every": report_every}
-    if on_progress:
-        on_progress(0, f"training {sum(p.numel() for p in model.parameters()):,} parameters, "
-                       f"{sum(p.steps for p in recipe.phases[start_phase:])} steps")
-    for index, phase in enumerate(recipe.phases[start_phase:], start=start_phase):
-        _run_phase(model, recipe, phase, index, ctx)
-        with torch.no_grad():  # what a checkpoint between phases would hold
-            for p in model.parameters():
-                p.copy_(p.to(torch.bfloat16).float())
-    save(model.eval(), processor, out_dir)
-    Path(out_dir, "training_log.json").write_text(json.dumps(log, indent=1))
-    return log
-
-
-def _run_phase(model: TinyMoEVLM, recipe: TinyRecipe, phase: Phase, index: int, ctx) -> None:
-    if phase.repeat_question is not None:
-        model.config.repeat_question = ctx["processor"].repeat_question = phase.repeat_question
-    weights = dict(phase.weights) if phase.weights else None
-    stream = synthetic.train_stream(seed=recipe.seed + phase.stream_seed, weights=weights)
-    opt = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=recipe.weight_decay)
-    last = phase.stop_at or phase.steps
-    start = time.perf_counter()
-    for step in range(last):
-        for group in opt.param_groups:
-            group["lr"] = phase.lr * _lr_factor(step, phase)
-        model.train()
-        losses = training_step(model, ctx["processor"],
-                               [next(stream) for _ in range(recipe.batch_images)], recipe)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        elapsed = (time.perf_counter() - start) / 60
-        capped = ctx["minutes"] is not None and elapsed > ctx["minutes"]
-        if (step + 1) % ctx["eval_every"] == 0 or step + 1 == last or capped:
-            _log_point(model, ctx, index, step + 1, elapsed, losses)
-        elif ctx["on_progress"] and (step + 1) % ctx["report_every"] == 0:
-            ctx["on_progress"](step + 1, f"phase {index} step {step + 1}/{last} "
-                                         f"{elapsed:.1f} min loss {float(losses['loss']):.3f}")
-        every = ctx["checkpoint_every"]
-        if every and (step + 1) % every == 0 and step + 1 != last:
-            save(model.eval(), ctx["processor"],
-                 ctx["out_dir"] / "checkpoints" / f"phase{index}-step{step + 1}")
-        if capped:
-            ctx["log"]["stopped_early"] = True
-            ctx["log"].setdefault("stopped_at", {})[str(index)] = step + 1
-            return
-
-
-def _log_point(model, ctx, phase: int, step: int, minutes: float, losses: dict) -> None:
-    from mopeq.evaluation.evaluate import TinyVLMAdapter, evaluate_samples
-
-    result = evaluate_samples(TinyVLMAdapter(model.eval(), ctx["processor"]), ctx["quick"])
-    point = {"phase": phase, "step": step, "minutes": round(minutes, 2),
-             **{k: round(float(v.detach()), 4) for k, v in losses.items()},
-             "score": round(result.score, 1),
-             "per_category": {c: round(v["score"], 1) for c, v in result.per_category.items()}}
-    ctx["log"]["curve"].append(point)
-    if ctx["on_progress"]:
-        ctx["on_progress"](step, json.dumps(point))
 
 
 def save(model: TinyMoEVLM, processor: TinyVLMProcessor, out_dir: str | Path) -> None:
@@ -532,6 +342,6 @@ def _load_quantized(path: Path, lm_folder: str, dtype: torch.dtype) -> TinyMoEVL
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     missing = [k for k in missing if not k.startswith("language_model.")]
     if missing or unexpected:
-        raise ValueError(f"quantized checkpoint {path} does not match: missing {missing[:3]}, "
+        raise MopeqError(f"quantized checkpoint {path} does not match: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     return model

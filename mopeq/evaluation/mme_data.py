@@ -3,7 +3,7 @@
 Sources: the procedural split (``"synthetic"``), a local copy of MME in the official release
 layout or as parquet in the ``lmms-lab/MME`` layout, and the hub data set where a network
 exists. Every source yields items with ``image_id``, ``category``, ``questions`` (two
-``synthetic.Question``) and ``image``, so evaluation treats them alike.
+``scenes.Question``) and ``image``, so evaluation treats them alike.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mopeq.core.errors import MopeqError
 from mopeq.embedded import synthetic
-from mopeq.embedded.synthetic import Question
+from mopeq.embedded.scenes import Question
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
               "landmark", "artwork", "OCR")
@@ -68,7 +69,7 @@ def load_dataset(spec: str = "synthetic") -> list:
         Items sorted by category (MME order) and image id.
 
     Raises:
-        ValueError: for a path that holds no MME data, malformed data (an image without
+        MopeqError: for a path that holds no MME data, malformed data (an image without
             exactly two questions), or a hub id on an offline machine.
     """
     spec = (spec or "").strip()
@@ -81,7 +82,7 @@ def load_dataset(spec: str = "synthetic") -> list:
         shards = sorted(path.rglob("*.parquet"))
         return load_parquet(shards) if shards else load_release_folder(path)
     if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
-        raise ValueError(f"no MME data at {spec!r}: expected 'synthetic', a folder in the "
+        raise MopeqError(f"no MME data at {spec!r}: expected 'synthetic', a folder in the "
                          "official release layout, a parquet file/folder, or a hub id")
     return load_parquet(_hub_shards(spec))
 
@@ -110,7 +111,7 @@ def _release_root(root: Path) -> Path:
     for cand in [root, *sorted(root.glob("*")), *sorted(root.glob("*/*"))]:
         if cand.is_dir() and any((cand / c).is_dir() for c in known):
             return cand
-    raise ValueError(f"{root} is not an MME copy: no subtask folder ({', '.join(known[:4])}, "
+    raise MopeqError(f"{root} is not an MME copy: no subtask folder ({', '.join(known[:4])}, "
                      "...) and no parquet files in it")
 
 
@@ -123,7 +124,7 @@ def _subtask_items(folder: Path, category: str) -> list[MMEItem]:
         image = next((image_dir / (txt.stem + s) for s in IMAGE_SUFFIXES
                       if (image_dir / (txt.stem + s)).is_file()), None)
         if image is None:
-            raise ValueError(f"no image for {txt} in {image_dir}")
+            raise MopeqError(f"no image for {txt} in {image_dir}")
         items.append(MMEItem(image.name, category, _read_questions(txt), image))
     return items
 
@@ -135,17 +136,17 @@ def _read_questions(txt: Path) -> tuple[Question, ...]:
             continue
         parts = line.split("\t")
         if len(parts) != 2:
-            raise ValueError(f"{txt}:{n}: expected 'question<TAB>answer', got {line!r}")
+            raise MopeqError(f"{txt}:{n}: expected 'question<TAB>answer', got {line!r}")
         questions.append(Question(parts[0].strip(), parts[1].strip()))
     return _checked(tuple(questions), str(txt))
 
 
 def _checked(questions: tuple[Question, ...], where: str) -> tuple[Question, ...]:
     if len(questions) != 2:
-        raise ValueError(f"{where}: an MME image needs exactly two questions, "
+        raise MopeqError(f"{where}: an MME image needs exactly two questions, "
                          f"found {len(questions)}")
     if sorted(q.answer.lower() for q in questions) != ["no", "yes"]:
-        raise ValueError(f"{where}: expected one 'Yes' and one 'No' answer, got "
+        raise MopeqError(f"{where}: expected one 'Yes' and one 'No' answer, got "
                          f"{[q.answer for q in questions]}")
     return questions
 
@@ -167,7 +168,7 @@ def load_parquet(files: Sequence[str | Path]) -> list[MMEItem]:
             row["_dir"] = Path(f).parent  # image paths in the struct are relative to the shard
             groups[(row["category"], str(row["question_id"]))].append(row)
     if not groups:
-        raise ValueError(f"no rows in {[str(f) for f in files]}")
+        raise MopeqError(f"no rows in {[str(f) for f in files]}")
     return _sorted([_parquet_item(cat, qid, rows) for (cat, qid), rows in groups.items()])
 
 
@@ -178,7 +179,7 @@ def _parquet_item(category: str, image_id: str, rows: list[dict]) -> MMEItem:
         path = image.get("path")
         image = image.get("bytes") or (rows[0]["_dir"] / path if path else None)
     if image is None:
-        raise ValueError(f"{category}/{image_id}: the row has no image bytes or path")
+        raise MopeqError(f"{category}/{image_id}: the row has no image bytes or path")
     return MMEItem(image_id, category, _checked(questions, f"{category}/{image_id}"), image)
 
 
@@ -193,7 +194,7 @@ def _hub_shards(repo_id: str) -> list[Path]:
         local = snapshot_download(repo_id, repo_type="dataset", revision=info.sha,
                                   allow_patterns=["*.parquet"])
     except Exception as exc:  # noqa: BLE001 - any failure here means "not reachable"
-        raise ValueError(
+        raise MopeqError(
             f"cannot fetch the data set {repo_id!r} from the Hugging Face Hub "
             f"({type(exc).__name__}: {str(exc)[:160]}); this machine looks offline. Download "
             "MME elsewhere and pass its local copy (the official release folder or the "
@@ -201,7 +202,7 @@ def _hub_shards(repo_id: str) -> list[Path]:
         ) from None
     shards = sorted(Path(local).rglob("*.parquet"))
     if not shards:
-        raise ValueError(f"the hub data set {repo_id!r} has no parquet files")
+        raise MopeqError(f"the hub data set {repo_id!r} has no parquet files")
     return shards
 
 
@@ -222,10 +223,10 @@ def quick_subset(items: Sequence, pairs: int, seed: int = 0) -> list:
     category the images are drawn without replacement; the subset keeps the input order.
 
     Raises:
-        ValueError: if ``pairs`` is not positive.
+        MopeqError: if ``pairs`` is not positive.
     """
     if pairs <= 0:
-        raise ValueError(f"pairs must be positive, got {pairs}")
+        raise MopeqError(f"pairs must be positive, got {pairs}")
     if pairs >= len(items):
         return list(items)
     rng = np.random.default_rng(seed)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mopeq.core.errors import MopeqError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_DIR = REPO_ROOT / "assets" / "tiny-moe-vlm"
 EMBEDDED = "embedded"
@@ -46,7 +48,7 @@ NATIVE_HINTS: dict[str, str] = {
 }
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(MopeqError):
     """A model source could not be loaded; the message says why and what to do."""
 
 

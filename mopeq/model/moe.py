@@ -1,4 +1,4 @@
-"""Discover MoE layers and routed experts across architectures; the ``MoELayout`` data object.
+"""Discover MoE layers and routed experts across architectures (-> ``core.layout.MoELayout``).
 
 Architecture knowledge is data: ``ARCHS`` maps a ``model_type`` to the attribute names to look
 for (experts, router, shared experts, vision tower) and to how fused expert tensors are laid out.
@@ -17,17 +17,14 @@ Every expert is named as auto-round names it after unfusing:
 
 from __future__ import annotations
 
-import json
 import re
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-PROJECTIONS = ("gate", "up", "down")
-COMPONENTS = ("routed_experts", "shared_experts", "attention", "dense_mlp", "router",
-              "embeddings", "lm_head", "vision", "norm", "other")
+from mopeq.core.errors import MopeqError
+from mopeq.core.layout import PROJECTIONS, ExpertInfo, MoEBlock, MoELayout, TensorInfo
 
 
 @dataclass(frozen=True)
@@ -72,139 +69,7 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-@dataclass(frozen=True)
-class ExpertInfo:
-    """One routed expert: its position and its three projections (auto-round names)."""
-
-    layer: int  # index of the decoder layer in the model
-    expert: int
-    modules: dict[str, str]  # projection -> module name after unfusing
-    shapes: dict[str, tuple[int, int]]  # projection -> (out_features, in_features)
-    dtype: str = "bfloat16"  # as the model stores it (torch dtype name without "torch.")
-
-    @property
-    def numel(self) -> int:
-        """Weights of the expert's three projections."""
-        return sum(o * i for o, i in self.shapes.values())
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A parameter of the model outside the routed experts, with its component."""
-
-    name: str
-    shape: tuple[int, ...]
-    component: str
-    linear: bool  # a 2-D weight of an nn.Linear (quantizable at the base bits)
-    dtype: str = "bfloat16"  # as the model stores it, e.g. "float32" for DeepSeek-V2's router
-
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-@dataclass(frozen=True)
-class MoEBlock:
-    """One MoE block (the ``mlp`` of a decoder layer) and how its experts are stored."""
-
-    layer: int
-    path: str  # module path of the block, e.g. "model.layers.1.mlp"
-    experts_path: str
-    router_path: str | None
-    shared_path: str | None
-    fused: bool
-    transposed: bool
-    num_experts: int
-    proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class MoELayout:
-    """Everything about a model's MoE structure that the numeric stages need (no weights)."""
-
-    model_type: str
-    blocks: tuple[MoEBlock, ...]
-    experts: tuple[ExpertInfo, ...]  # layer-major: blocks[0] experts 0..E-1, then blocks[1] ...
-    tensors: tuple[TensorInfo, ...]
-    top_k: int | None
-    num_shared_experts: int = 0
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def num_moe_layers(self) -> int:
-        """Number of MoE layers."""
-        return len(self.blocks)
-
-    @property
-    def num_experts(self) -> int:
-        """Routed experts per MoE layer (the maximum if layers differ)."""
-        return max(b.num_experts for b in self.blocks)
-
-    @property
-    def moe_layers(self) -> list[int]:
-        """Decoder-layer indices of the MoE layers."""
-        return [b.layer for b in self.blocks]
-
-    def expert(self, row: int, expert: int) -> ExpertInfo:
-        """The expert at (MoE layer position ``row``, ``expert``)."""
-        return self.experts[row * self.num_experts + expert]
-
-    def params(self) -> dict[str, int]:
-        """Parameter counts by component, with ``total``."""
-        counts = Counter({c: 0 for c in COMPONENTS})
-        counts["routed_experts"] = sum(e.numel for e in self.experts)
-        for t in self.tensors:
-            counts[t.component] += t.numel
-        out = dict(counts)
-        out["total"] = sum(counts.values())
-        return out
-
-    def to_json(self) -> dict:
-        """A JSON-ready summary (the ``inspect --json`` schema)."""
-        return {
-            "model_type": self.model_type,
-            "num_moe_layers": self.num_moe_layers,
-            "moe_layers": self.moe_layers,
-            "num_experts": self.num_experts,
-            "top_k": self.top_k,
-            "num_shared_experts": self.num_shared_experts,
-            "fused": all(b.fused for b in self.blocks),
-            "experts": [{"layer": e.layer, "expert": e.expert,
-                         "modules": {p: e.modules[p] for p in PROJECTIONS},
-                         "shapes": {p: list(e.shapes[p]) for p in PROJECTIONS},
-                         "numel": e.numel} for e in self.experts],
-            "params": self.params(),
-            **self.meta,
-        }
-
-    def dumps(self) -> str:
-        """Full serialisation (round-trips through ``MoELayout.loads``)."""
-        return json.dumps(asdict(self))
-
-    @staticmethod
-    def loads(text: str) -> MoELayout:
-        """Inverse of ``dumps``."""
-        d = json.loads(text)
-        return MoELayout(
-            model_type=d["model_type"],
-            blocks=tuple(MoEBlock(**{**b, "proj_names": tuple(b["proj_names"])})
-                         for b in d["blocks"]),
-            experts=tuple(ExpertInfo(e["layer"], e["expert"], e["modules"],
-                                     {k: tuple(v) for k, v in e["shapes"].items()},
-                                     e.get("dtype", "bfloat16"))
-                          for e in d["experts"]),
-            tensors=tuple(TensorInfo(t["name"], tuple(t["shape"]), t["component"], t["linear"],
-                                     t.get("dtype", "bfloat16"))
-                          for t in d["tensors"]),
-            top_k=d["top_k"], num_shared_experts=d["num_shared_experts"], meta=d["meta"],
-        )
-
-
-class NotMoEError(ValueError):
+class NotMoEError(MopeqError):
     """The model has no MoE layer that discovery recognises."""
 
 
@@ -315,9 +180,8 @@ def _experts(block: MoEBlock, params: dict, modules: dict, model: nn.Module) -> 
         if block.fused:
             key = f"{block.experts_path}.gate_up_proj"
             gu = params[key]
-            h, two_i = gu.shape[1:] if block.transposed else gu.shape[:0:-1]
-            i = two_i // 2
-            shapes = {"gate": (i, h), "up": (i, h), "down": (h, i)}
+            views = _fused_expert(block, gu, params[f"{block.experts_path}.down_proj"], e)
+            shapes = {p: tuple(t.shape) for p, t in views.items()}
         else:
             mods = [modules[f"{block.experts_path}.{e}.{n}"] for n in block.proj_names]
             shapes = {p: (m.out_features, m.in_features)
@@ -398,16 +262,52 @@ def _component(name: str, p, blocks, spec: ArchSpec) -> str:
 # --------------------------------------------------------------------------- access
 
 
+def block_params(model: nn.Module, block: MoEBlock) -> list[torch.Tensor]:
+    """The block's expert parameters as stored: fused (gate_up, down), or 3 weights per expert."""
+    experts = model.get_submodule(block.experts_path)
+    if block.fused:
+        return [experts.gate_up_proj, experts.down_proj]
+    return [getattr(experts[e], n).weight for e in range(block.num_experts)
+            for n in block.proj_names]
+
+
+def canonical(block: MoEBlock, tensors) -> dict[str, torch.Tensor]:
+    """Tensors aligned with ``block_params`` -> projection -> [E, out, in] (views when fused).
+
+    The one reader of the fused layouts: gate rows then up rows in ``gate_up_proj``, and Aria's /
+    Llama4's transposed storage.
+    """
+    if not block.fused:
+        return {p: torch.stack(list(tensors[i::3])) for i, p in enumerate(PROJECTIONS)}
+    gate_up, down = tensors
+    if block.transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    i = gate_up.shape[1] // 2
+    return {"gate": gate_up[:, :i], "up": gate_up[:, i:], "down": down}
+
+
+def from_canonical(block: MoEBlock, parts: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of ``canonical``: projection -> [E, out, in] back to ``block_params`` order."""
+    if not block.fused:
+        return [parts[p][e] for e in range(block.num_experts) for p in PROJECTIONS]
+    gate_up, down = torch.cat([parts["gate"], parts["up"]], 1), parts["down"]
+    if block.transposed:
+        gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+    return [gate_up, down]
+
+
+def _fused_expert(block: MoEBlock, gate_up: torch.Tensor, down: torch.Tensor,
+                  expert: int) -> dict[str, torch.Tensor]:
+    """One expert's [out, in] views of a fused block's stored tensors."""
+    parts = canonical(block, [gate_up[expert:expert + 1], down[expert:expert + 1]])
+    return {p: t[0] for p, t in parts.items()}
+
+
 def expert_weights(model: nn.Module, layout: MoELayout, row: int, expert: int) -> dict:
     """The expert's three weight matrices as 2-D [out, in] tensors (views where possible)."""
     block = layout.blocks[row]
     if block.fused:
-        experts = model.get_submodule(block.experts_path)
-        gu, dn = experts.gate_up_proj[expert], experts.down_proj[expert]
-        if block.transposed:
-            gu, dn = gu.t(), dn.t()
-        i = gu.shape[0] // 2
-        return {"gate": gu[:i], "up": gu[i:], "down": dn}
+        return _fused_expert(block, *block_params(model, block), expert)
     info = layout.expert(row, expert)
     return {p: model.get_submodule(info.modules[p]).weight for p in PROJECTIONS}
 

@@ -1,4 +1,4 @@
-"""Quantize a model per expert with auto-round; export it with a deployable recipe.
+"""Quantize a model per expert with auto-round (``quantize.export`` writes the result).
 
 This is the only module that imports auto-round (pinned in pyproject; its API churns). A
 ``BitMap`` becomes auto-round's ``layer_config`` keyed by the per-expert module names that
@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +28,9 @@ import torch
 from torch import nn
 
 from mopeq.core import defaults as D
+from mopeq.core.errors import MopeqError
+from mopeq.core.layout import PROJECTIONS, MoELayout, bitmap_array
 from mopeq.core.memory import quantizable, takes_base_bits
-from mopeq.model.moe import PROJECTIONS, STORED_DTYPES_ATTR, MoELayout
-from mopeq.quantize.snippets import (  # noqa: F401 - re-exported: the export's public API
-    GGML_TYPES,
-    gptq_dynamic,
-    llama_cpp_lines,
-    write_snippets,
-)
 
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 # auto-round keeps its compressor context in process-wide singletons: a second AutoRound built
@@ -59,11 +54,11 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.mode not in ("rtn", "tuned"):
-            raise ValueError(f"mode must be 'rtn' or 'tuned', got {self.mode!r}")
+            raise MopeqError(f"mode must be 'rtn' or 'tuned', got {self.mode!r}")
         if self.group_size < 1 or self.group_size % 32:
-            raise ValueError(f"group_size must be a positive multiple of 32, got {self.group_size}")
+            raise MopeqError(f"group_size must be a positive multiple of 32, got {self.group_size}")
         if self.base_bits not in SUPPORTED_BITS:
-            raise ValueError(f"base_bits must be one of {SUPPORTED_BITS}, got {self.base_bits}")
+            raise MopeqError(f"base_bits must be one of {SUPPORTED_BITS}, got {self.base_bits}")
 
 
 @dataclass
@@ -93,16 +88,12 @@ def check_bitmap(layout: MoELayout, bits: np.ndarray) -> np.ndarray:
     """Validate a bit map against a layout; return it as an int array.
 
     Raises:
-        ValueError: wrong shape (a bit map of another model) or unsupported widths.
+        MopeqError: wrong shape (a bit map of another model) or unsupported widths.
     """
-    bits = np.asarray(bits)
-    want = (layout.num_moe_layers, layout.num_experts)
-    if bits.shape != want:
-        raise ValueError(f"bit map has shape {bits.shape}, but this model has {want[0]} MoE "
-                         f"layers x {want[1]} experts: was it made for another model?")
+    bits = bitmap_array(bits, layout)
     bad = sorted(set(np.unique(bits).tolist()) - set(SUPPORTED_BITS))
     if bad:
-        raise ValueError(f"unsupported bit widths {bad}: auto-round exports {SUPPORTED_BITS}")
+        raise MopeqError(f"unsupported bit widths {bad}: auto-round exports {SUPPORTED_BITS}")
     return bits.astype(int)
 
 
@@ -148,7 +139,7 @@ def quantize(model: nn.Module, layout: MoELayout, bits, config: QuantConfig = Qu
     root, prefix = quant_root(model)
     cfg = layer_config(layout, bits, config, prefix)
     if config.mode == "tuned" and not calib:
-        raise ValueError("tuned mode needs local calibration texts (calib=[...])")
+        raise MopeqError("tuned mode needs local calibration texts (calib=[...])")
     if on_progress:
         on_progress(0.05, f"quantizing {len(cfg)} linear layers ({config.mode})")
     checkpoint = tempfile.TemporaryDirectory(prefix="mopeq-q-")
@@ -172,7 +163,7 @@ def _autoround(root, tokenizer, cfg, config: QuantConfig, calib):
     from auto_round import AutoRound
 
     if tokenizer is None:
-        raise ValueError("auto-round needs the model's tokenizer")
+        raise MopeqError("auto-round needs the model's tokenizer")
     kwargs = dict(scheme="W4A16", group_size=config.group_size, sym=config.sym,
                   device_map="cpu", enable_torch_compile=False, layer_config=copy.deepcopy(cfg),
                   seed=config.seed)
@@ -229,93 +220,6 @@ def verify_levels(root: nn.Module, cfg: dict[str, dict]) -> bool:
     return True
 
 
-# ---------------------------------------------------------------------------- export
-
-
-def export(result: QuantResult, layout: MoELayout, out_dir: str | Path, *, source: str,
-           fingerprint: str, bitmap_json: dict, scores_summary: dict | None = None,
-           memory: dict | None = None, processor=None) -> Path:
-    """Write the checkpoint (auto-round format), ``recipe.json`` and engine snippets.
-
-    Everything is written into a temporary folder next to ``out_dir`` and renamed at the end,
-    so a failure leaves no half-written output.
-    """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"output folder {out} exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        _write_checkpoint(result, tmp, processor)
-        recipe = build_recipe(result, layout, source=source, fingerprint=fingerprint,
-                              bitmap_json=bitmap_json, scores_summary=scores_summary,
-                              memory=memory)
-        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1))
-        write_snippets(recipe, tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    result.export_dir, result.recipe = out, recipe
-    return out
-
-
-def _write_checkpoint(result: QuantResult, folder: Path, processor) -> None:
-    root, prefix = quant_root(result.model)
-    lm_dir = folder / "language_model" if prefix else folder
-    shutil.copytree(result.checkpoint.name, lm_dir, dirs_exist_ok=True)
-    if result.dtypes:
-        _restore_dtypes(lm_dir, result.dtypes)
-    if prefix:  # a VLM: the unquantized rest of the model beside the quantized language model
-        from safetensors.torch import save_file
-
-        table = getattr(result.model, STORED_DTYPES_ATTR, None)  # models.mark_stored_dtypes
-        rest = {k: v.detach().to(_stored_dtype(v, table, k)).contiguous()
-                for k, v in result.model.state_dict().items() if not k.startswith(prefix)}
-        save_file(rest, str(folder / "rest.safetensors"))
-        config = result.model.config.to_dict()
-        config["quantized_language_model"] = "language_model"
-        (folder / "config.json").write_text(json.dumps(config, indent=1))
-    if processor is not None:  # tokenizer and image-processor files: needed to evaluate
-        processor.save_pretrained(folder)
-
-
-def _stored_dtype(t: torch.Tensor, table: dict | None = None, key: str = "") -> torch.dtype:
-    """The dtype to store ``key`` in.
-
-    The checkpoint's when the loader recorded it; else fp32 stays fp32 (what the model keeps
-    wide) and other floats are stored as bf16.
-    """
-    if table is not None and t.is_floating_point():
-        return getattr(torch, table["tensors"].get(key, table["default"]))
-    return t.dtype if t.dtype in (torch.float32, torch.bfloat16, torch.float16) else (
-        torch.bfloat16 if t.is_floating_point() else t.dtype)
-
-
-def _restore_dtypes(folder: Path, dtypes: dict[str, str]) -> None:
-    """Cast the unquantized tensors of auto-round's shards back to the model's dtypes.
-
-    auto-round computes in its own dtype (fp32 on a CPU without bf16) and saves in it; the
-    checkpoint keeps every unquantized tensor as the model stores it, as ``memory`` counts it.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        changed = False
-        for k, t in tensors.items():
-            want = getattr(torch, dtypes.get(k, ""), None)
-            if isinstance(want, torch.dtype) and t.is_floating_point() and t.dtype != want:
-                tensors[k], changed = t.to(want).contiguous(), True
-        if changed:
-            save_file(tensors, str(shard), metadata=meta)
-
-
 def unquantized_dtypes(layout: MoELayout, prefix: str) -> dict[str, str]:
     """Checkpoint key -> dtype of every tensor the layout knows, names relative to the root."""
     out = {t.name.removeprefix(prefix): t.dtype for t in layout.tensors
@@ -325,32 +229,11 @@ def unquantized_dtypes(layout: MoELayout, prefix: str) -> dict[str, str]:
     return out
 
 
-def build_recipe(result: QuantResult, layout: MoELayout, *, source: str, fingerprint: str,
-                 bitmap_json: dict, scores_summary: dict | None, memory: dict | None) -> dict:
-    """The plain JSON recipe: everything needed to reproduce or convert the choice."""
-    _, prefix = quant_root(result.model)
-    bits = np.asarray(bitmap_json["bits"])
-    per_layer = [sorted(set(row.tolist())) for row in bits]
-    return {
-        "mopeq_recipe": 1,
-        "model": {"source": source, "fingerprint": fingerprint, "model_type": layout.model_type},
-        "defaults": {**asdict(result.config), "router": 16, "embeddings": 16, "lm_head": 16,
-                     "vision": 16},
-        "module_prefix": prefix,
-        "modules": result.layer_config,
-        "allocation": {**bitmap_json, "layers": layout.moe_layers},
-        "scores": scores_summary or {},
-        "memory": memory or {},
-        "deployable_fused": all(len(s) == 1 for s in per_layer),
-        "quantize_seconds": round(result.elapsed_s, 2),
-    }
-
-
 # ------------------------------------------------------------------ the peer: AutoScheme
 
 
 def autoscheme(model: nn.Module, layout: MoELayout, expert_avg_bits: float, config: QuantConfig,
-               tokenizer, texts: list[str], bits: tuple[int, ...] = (2, 3, 4)):
+               tokenizer, texts: list[str], bits: tuple[int, ...] = D.BITS):
     """auto-round's own mixed-bit search (AutoScheme) at the same average expert bits.
 
     Non-expert layers are fixed as in ``layer_config`` (base bits / 16-bit), so AutoScheme only
@@ -368,7 +251,7 @@ def autoscheme(model: nn.Module, layout: MoELayout, expert_avg_bits: float, conf
                         config, prefix)
     fixed = {n: c for n, c in full.items() if ".experts." not in n}
     target = _all_layer_target(layout, fixed, full, expert_avg_bits)
-    suffix = "" if config.group_size == 128 else f"G{config.group_size}"
+    suffix = "" if config.group_size == 128 else f"G{config.group_size}"  # auto-round's W*A16: 128
     with (tempfile.TemporaryDirectory(prefix="mopeq-as-") as tmp, _AUTOROUND_LOCK, _quiet(),
           _env(AR_AUTO_SCHEME_CACHE=str(Path(tmp, "scores")),  # never reuse another's scores
                AR_WORK_SPACE=str(Path(tmp, "work")))):

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import pprint
 import re
-from pathlib import Path
 
 import numpy as np
 
-from mopeq.model.moe import PROJECTIONS
+from mopeq.core.layout import PROJECTIONS
 
 GGML_TYPES = {2: "q2_K", 3: "q3_K", 4: "q4_K", 8: "q8_0", 16: "f16"}
 EXPERT_MODULE = re.compile(r"^(?P<experts>.+\.experts)\.\d+\.[^.]+$")
@@ -34,17 +33,6 @@ PER_LAYER_NOTE = (
     "# One width per MoE layer: each expert rule matches the fused experts module\n"
     "# (`...mlp.experts`, as vLLM / SGLang resolve it) and each expert module (as GPTQModel\n"
     "# does), so the same rules load in GPTQModel, transformers and vLLM.\n")
-
-
-def write_snippets(recipe: dict, folder: Path) -> dict[str, str]:
-    """Write the snippets of ``recipe`` into ``folder``; returns ``{file name: text}``."""
-    snippets = {"autoround_layer_config.py": autoround_snippet(recipe["modules"]),
-                "gptqmodel_dynamic.py": gptq_snippet(recipe["modules"])}
-    if recipe["deployable_fused"]:
-        snippets["llama_cpp_tensor_types.txt"] = llama_cpp_lines(recipe)
-    for name, text in snippets.items():
-        (Path(folder) / name).write_text(text)
-    return snippets
 
 
 def autoround_snippet(mods: dict[str, dict]) -> str:
@@ -124,3 +112,11 @@ def llama_cpp_lines(recipe: dict) -> str:
         lines += [f"--tensor-type blk.{layer}.ffn_{p}_exps={ggml}" for p in PROJECTIONS]
     return " \\\n".join(lines) + "\n"
 
+
+# file name -> writer(recipe) -> text, or None where the engine cannot load the map
+SNIPPETS = {
+    "autoround_layer_config.py": lambda recipe: autoround_snippet(recipe["modules"]),
+    "gptqmodel_dynamic.py": lambda recipe: gptq_snippet(recipe["modules"]),
+    "llama_cpp_tensor_types.txt": lambda recipe: (llama_cpp_lines(recipe)
+                                                  if recipe["deployable_fused"] else None),
+}

@@ -42,8 +42,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from mopeq.model.moe import MoEBlock, MoELayout, expert_weights, text_config
-from mopeq.sensitivity.calibration import IGNORE, _token_mask, eval_kernels, model_inputs
+from mopeq.core.errors import MopeqError
+from mopeq.core.layout import MoEBlock, MoELayout
+from mopeq.model.moe import expert_weights, text_config
+from mopeq.sensitivity.calibration import (
+    IGNORE,
+    _token_mask,
+    eval_kernels,
+    model_inputs,
+    router_module,
+)
 from mopeq.sensitivity.expert_quant import expert_quantized
 
 
@@ -113,7 +121,7 @@ def routing(output, top_k: int | None, norm: bool) -> tuple[torch.Tensor, torch.
                 return floats[-1].reshape(idx.shape), idx
         output = output[0]
     if top_k is None:
-        raise ValueError("router returns logits but the layout has no top_k")
+        raise MopeqError("router returns logits but the layout has no top_k")
     probs = output.reshape(-1, output.shape[-1]).float().softmax(-1)
     w, idx = probs.topk(top_k, dim=-1)
     if norm:
@@ -163,13 +171,9 @@ def _install(model: nn.Module, layout: MoELayout, rec: _Recorder, outputs: list 
             experts = model.get_submodule(block.experts_path)
             handles.append(experts.register_forward_pre_hook(_fused_hook(rec, row),
                                                              with_kwargs=True))
-        elif block.router_path is None:
-            raise ValueError(f"MoE block {block.path} has no router module to hook; add its "
-                             "attribute name to mopeq.model.moe.ARCHS")
         else:
-            router = model.get_submodule(block.router_path)
-            handles.append(router.register_forward_hook(_router_hook(rec, row, layout.top_k,
-                                                                     norm)))
+            handles.append(router_module(model, block).register_forward_hook(
+                _router_hook(rec, row, layout.top_k, norm)))
         if outputs is not None:
             block_module = model.get_submodule(block.path)
             handles.append(block_module.register_forward_hook(_output_hook(outputs, row)))

@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mopeq.embedded import synthetic
-from mopeq.model.moe import MoELayout, text_config
+from mopeq.core.errors import MopeqError
+from mopeq.core.layout import MoELayout
+from mopeq.embedded import scenes, synthetic
+from mopeq.model.moe import text_config
 
 DATA_VERSION = 1
 IGNORE = -100
@@ -93,7 +95,7 @@ def calibration_batches(loaded_or_model, processor=None, n_batches: int = 4,
         seq_len: tokens per text window (capped by the model's maximum positions).
 
     Raises:
-        ValueError: for a VLM without a processor that has a chat template.
+        MopeqError: for a VLM without a processor that has a chat template.
     """
     model, kind = _model_and_kind(loaded_or_model)
     if processor is None:
@@ -117,7 +119,7 @@ def _model_and_kind(obj) -> tuple[nn.Module, str]:
     return model, kind
 
 
-def _samples(n: int, seed: int) -> list[synthetic.Sample]:
+def _samples(n: int, seed: int) -> list[scenes.Sample]:
     stream = synthetic.train_stream(seed=seed)
     return [next(stream) for _ in range(n)]
 
@@ -205,7 +207,7 @@ def _tokenize(text: str, tokenizer, model) -> tuple[torch.Tensor, str]:
 def _vlm_data(processor, n_batches, batch_size, seed) -> CalibData:
     native = hasattr(processor, "calibration_batch")  # mopeq.model.archs processors
     if not native and not hasattr(processor, "apply_chat_template"):
-        raise ValueError("VLM calibration needs the model's processor with a chat template "
+        raise MopeqError("VLM calibration needs the model's processor with a chat template "
                          "(load the model with mopeq.model.loading.load_model)")
     samples = _samples(n_batches * batch_size, seed)
     make = _native_vlm_batch if native else _vlm_batch
@@ -213,7 +215,7 @@ def _vlm_data(processor, n_batches, batch_size, seed) -> CalibData:
                for i in range(n_batches)]
     for b in batches:
         if not any(k in b for k in IMAGE_KEYS):
-            raise ValueError(f"a VLM calibration batch holds no image (keys {sorted(b)}): "
+            raise MopeqError(f"a VLM calibration batch holds no image (keys {sorted(b)}): "
                              f"{type(processor).__name__} has no image processor; add the "
                              f"model's processor files (preprocessor_config.json) to its folder")
     desc = (f"vlm:train_stream(seed={seed}):{n_batches}x{batch_size} images x 2 questions:"
@@ -294,7 +296,7 @@ def top_k_index(output, top_k: int | None) -> torch.Tensor:
             return ints[-1].reshape(-1, ints[-1].shape[-1])
         output = output[0]
     if top_k is None:
-        raise ValueError("router returns logits but the layout has no top_k")
+        raise MopeqError("router returns logits but the layout has no top_k")
     return output.reshape(-1, output.shape[-1]).topk(top_k, dim=-1).indices
 
 
@@ -357,13 +359,13 @@ def route_counts(model: nn.Module, layout: MoELayout, batches: list[dict],
     Hooks each block's router (``layout.blocks[i].router_path``); padding is not counted.
 
     Raises:
-        ValueError: if a block has no router module to hook.
+        MopeqError: if a block has no router module to hook.
     """
     counts = np.zeros((layout.num_moe_layers, layout.num_experts), dtype=np.int64)
     tokens = np.zeros(layout.num_moe_layers, dtype=np.int64)
     state = {}
-    handles = [_router(model, b).register_forward_hook(_counter(row, layout, counts, tokens, state))
-               for row, b in enumerate(layout.blocks)]
+    handles = [router_module(model, b).register_forward_hook(
+        _counter(row, layout, counts, tokens, state)) for row, b in enumerate(layout.blocks)]
     dtype = next(model.get_submodule(layout.blocks[0].experts_path).parameters()).dtype
     try:
         with torch.no_grad(), eval_kernels(model, dtype):
@@ -378,9 +380,10 @@ def route_counts(model: nn.Module, layout: MoELayout, batches: list[dict],
     return counts, tokens
 
 
-def _router(model: nn.Module, block) -> nn.Module:
+def router_module(model: nn.Module, block) -> nn.Module:
+    """The router of an MoE block, where routing hooks attach (MopeqError if it has none)."""
     if block.router_path is None:
-        raise ValueError(f"MoE block {block.path} has no router module to hook; add its "
+        raise MopeqError(f"MoE block {block.path} has no router module to hook; add its "
                          "attribute name to mopeq.model.moe.ARCHS")
     return model.get_submodule(block.router_path)
 

@@ -4,7 +4,8 @@ Each takes ``(model, layout, config, data, progress)`` and returns raw per-(MoE 
 arrays that ``profile`` turns into ``Scores``. Expert tensors are read in one canonical
 [experts, out, in] view per projection whatever the storage (fused, transposed fused, or an
 ``nn.ModuleList`` of linears), so every layout gets identical probes and identical numbers.
-``block_error`` and ``measured`` live in modules of their own and are registered here.
+``block_error`` and ``measured`` live in modules of their own; ``mopeq.core.methods`` rows name
+each method's estimator.
 
 The gradient methods check that the loss reaches the experts: a model whose expert path runs
 under ``torch.no_grad`` (DeepSeek-VL2's remote-code ``moe_infer`` at inference) raises
@@ -18,46 +19,15 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
 
-from mopeq.model.moe import PROJECTIONS, MoEBlock, MoELayout
-from mopeq.sensitivity.block_error import _block_error, _block_fisher
+from mopeq.core.errors import MopeqError
+from mopeq.core.layout import PROJECTIONS, MoELayout
+from mopeq.model.moe import block_params, canonical, from_canonical
 from mopeq.sensitivity.calibration import batch_loss, expert_grad_mode, route_counts
-from mopeq.sensitivity.measured import _measured
 
 _CHUNK = 2**22  # elements of one frobenius probe batch (memory bound)
 
 # --------------------------------------------------------------------------- expert tensors
-
-
-def _block_params(model: nn.Module, block: MoEBlock) -> list[torch.Tensor]:
-    """The block's expert parameters: fused (gate_up, down), or 3 Linear weights per expert."""
-    experts = model.get_submodule(block.experts_path)
-    if block.fused:
-        return [experts.gate_up_proj, experts.down_proj]
-    return [getattr(experts[e], n).weight for e in range(block.num_experts)
-            for n in block.proj_names]
-
-
-def _canonical(block: MoEBlock, tensors) -> dict[str, torch.Tensor]:
-    """Tensors aligned with ``_block_params`` -> projection -> [E, out, in]."""
-    if not block.fused:
-        return {p: torch.stack(list(tensors[i::3])) for i, p in enumerate(PROJECTIONS)}
-    gate_up, down = tensors
-    if block.transposed:
-        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    i = gate_up.shape[1] // 2
-    return {"gate": gate_up[:, :i], "up": gate_up[:, i:], "down": down}
-
-
-def _from_canonical(block: MoEBlock, parts: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """Inverse of ``_canonical``."""
-    if not block.fused:
-        return [parts[p][e] for e in range(block.num_experts) for p in PROJECTIONS]
-    gate_up, down = torch.cat([parts["gate"], parts["up"]], 1), parts["down"]
-    if block.transposed:
-        gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
-    return [gate_up, down]
 
 
 def _numel(layout: MoELayout) -> np.ndarray:
@@ -69,7 +39,7 @@ def _numel(layout: MoELayout) -> np.ndarray:
 
 def _expert_params(model, layout) -> tuple[list[int], list[torch.Tensor]]:
     """Parameters per block (counts) and all expert parameters, flat."""
-    per_block = [_block_params(model, b) for b in layout.blocks]
+    per_block = [block_params(model, b) for b in layout.blocks]
     return [len(ps) for ps in per_block], [p for ps in per_block for p in ps]
 
 
@@ -88,7 +58,7 @@ def _frobenius(model, layout, config, _data, progress) -> dict:
     probes = config.probes_for("frobenius")
     for row, block in enumerate(layout.blocks):
         with torch.no_grad():
-            parts = _canonical(block, _block_params(model, block))
+            parts = canonical(block, block_params(model, block))
         for j, p in enumerate(PROJECTIONS):
             w = parts[p].detach().reshape(block.num_experts, -1).double()
             if config.closed_form:
@@ -127,7 +97,7 @@ def _norm_hutchinson(w: torch.Tensor, probes: int, gen) -> tuple[np.ndarray, np.
 # --------------------------------------------------------------------------- gradients
 
 
-class NoExpertGradient(ValueError):
+class NoExpertGradient(MopeqError):
     """The calibration loss does not depend on the expert weights through autograd."""
 
 
@@ -178,7 +148,7 @@ def _rademacher(blocks, shapes, gen, dtype) -> tuple[list, list[torch.Tensor]]:
     """One probe: canonical per-block parts and the flat list aligned with the parameters."""
     canon = [{p: torch.randint(0, 2, s, generator=gen).to(dtype).mul_(2).sub_(1)
               for p, s in shape.items()} for shape in shapes]
-    flat = [t for block, c in zip(blocks, canon, strict=True) for t in _from_canonical(block, c)]
+    flat = [t for block, c in zip(blocks, canon, strict=True) for t in from_canonical(block, c)]
     return canon, flat
 
 
@@ -187,7 +157,7 @@ def _slice_dots(layout, counts, canon_v, hv: list[torch.Tensor]) -> np.ndarray:
     out = np.zeros((layout.num_moe_layers, layout.num_experts, 3))
     start = 0
     for row, (block, n) in enumerate(zip(layout.blocks, counts, strict=True)):
-        parts = _canonical(block, hv[start:start + n])
+        parts = canonical(block, hv[start:start + n])
         start += n
         for j, p in enumerate(PROJECTIONS):
             v = parts[p] if canon_v is None else canon_v[row][p]
@@ -212,7 +182,7 @@ def _hessian(model, layout, config, data, progress) -> dict:
     """Hutchinson traces of every expert from one HVP per probe (and calibration batch)."""
     tokens = _routing(model, layout, data, progress, 0.05)
     blocks, (counts, params) = list(layout.blocks), _expert_params(model, layout)
-    shapes = [{p: t.shape for p, t in _canonical(b, _block_params(model, b)).items()}
+    shapes = [{p: t.shape for p, t in canonical(b, block_params(model, b)).items()}
               for b in blocks]
     cap = config.probes_for("hessian")
     floor, gen, dots, kept = min(config.min_probes, cap), torch.Generator(), [], {}
@@ -278,8 +248,3 @@ def _frequency(model, layout, _config, data, progress) -> dict:
     return {"scores": counts, "parts": _split(counts[..., None] * share), "tokens": tokens,
             "meta": {"score_unit": "top-k assignments"}}
 
-
-# one entry per row of mopeq.core.methods.TABLE
-ESTIMATORS = {"frobenius": _frobenius, "hessian": _hessian, "fisher": _fisher,
-              "frequency": _frequency, "block_error": _block_error, "block_fisher": _block_fisher,
-              "measured": _measured}

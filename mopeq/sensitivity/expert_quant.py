@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from mopeq.allocation.qerror import rtn
+from mopeq.core import defaults as D
+from mopeq.core.layout import MoELayout
 from mopeq.core.memory import FP_BITS, quantizable
-from mopeq.model.moe import MoELayout, expert_weights
+from mopeq.model.moe import expert_weights
 
 
 def quantized(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
@@ -31,7 +33,7 @@ def quantized(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> to
 
 @contextmanager
 def experts_quantized(model: nn.Module, layout: MoELayout, targets: dict[tuple[int, int], int],
-                      group_size: int = 128, sym: bool = True) -> Iterator[None]:
+                      group_size: int = D.GROUP_SIZE, sym: bool = D.SYM) -> Iterator[None]:
     """Within the block, every ``(row, expert) -> bits`` of ``targets`` is RTN-quantized.
 
     Args:
@@ -56,13 +58,13 @@ def experts_quantized(model: nn.Module, layout: MoELayout, targets: dict[tuple[i
 
 
 def expert_quantized(model: nn.Module, layout: MoELayout, row: int, expert: int, bits: int,
-                     group_size: int = 128, sym: bool = True):
+                     group_size: int = D.GROUP_SIZE, sym: bool = D.SYM):
     """``experts_quantized`` for one expert (a context manager)."""
     return experts_quantized(model, layout, {(row, expert): int(bits)}, group_size, sym)
 
 
 def bitmap_quantized(model: nn.Module, layout: MoELayout, bits: np.ndarray,
-                     group_size: int = 128, sym: bool = True):
+                     group_size: int = D.GROUP_SIZE, sym: bool = D.SYM):
     """``experts_quantized`` for a whole [L, E] bit map (16 = kept; a context manager)."""
     bits = np.asarray(bits)
     targets = {(r, e): int(bits[r, e]) for r in range(bits.shape[0]) for e in range(bits.shape[1])

@@ -28,11 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mopeq.core.errors import MopeqError
 from mopeq.sensitivity.calibration import IGNORE, eval_kernels, model_inputs, route_counts
 from mopeq.sensitivity.expert_quant import expert_quantized
 
 
-class CostTooHigh(ValueError):
+class CostTooHigh(MopeqError):
     """The estimated cost of ``measured`` exceeds ``ProfileConfig.max_cost_s``."""
 
 

@@ -55,11 +55,11 @@ from torch import nn
 
 from mopeq.core import cache, methods
 from mopeq.core import defaults as D
+from mopeq.core.errors import MopeqError
+from mopeq.core.layout import PROJECTIONS, MoELayout
 from mopeq.core.memory import bit_set
 from mopeq.model.loading import fingerprint_model
-from mopeq.model.moe import PROJECTIONS, MoELayout
 from mopeq.sensitivity.calibration import CalibData
-from mopeq.sensitivity.estimators import ESTIMATORS
 
 ALGORITHM_VERSION = 1
 STAGE = "sensitivity"
@@ -68,7 +68,7 @@ DATA_METHODS = methods.DATA_METHODS
 LOSSES = ("ce", "self_kl")
 POLICIES = ("layer_mean", "model_mean", "zero")
 DEFAULT_PROBES = methods.DEFAULT_PROBES
-ERROR_METHODS = ("measured", "block_error", "block_fisher")
+ERROR_METHODS = methods.ERROR_METHODS
 
 
 def _used_by(*methods: str, default):
@@ -79,10 +79,10 @@ def _used_by(*methods: str, default):
 class ProfileConfig:
     """Settings of ``profile``; each field names the methods whose result it determines."""
 
-    probes: int | None = _used_by("frobenius", "hessian", default=None)  # None: DEFAULT_PROBES
+    probes: int | None = _used_by(*DEFAULT_PROBES, default=None)  # None: DEFAULT_PROBES
     min_probes: int = _used_by("hessian", default=32)  # no early stop before this many
     tol: float = _used_by("hessian", default=1e-3)  # PyHessian: rel. change of the running mean
-    seed: int = _used_by("frobenius", "hessian", "block_fisher", default=D.SEED)
+    seed: int = _used_by(*methods.STOCHASTIC, default=D.SEED)
     closed_form: bool = _used_by("frobenius", default=False)
     normalize_per_layer: bool = _used_by(*METHODS, default=False)  # S_e / sum of its layer
     loss: str = _used_by("hessian", "fisher", default="ce")
@@ -107,7 +107,7 @@ class ProfileConfig:
                   (self.fisher_samples >= 1, "fisher_samples must be >= 1")]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"ProfileConfig: {message}")
+                raise MopeqError(f"ProfileConfig: {message}")
 
     def probes_for(self, method: str) -> int:
         """Probe count (frobenius) or cap (hessian) for ``method``."""
@@ -239,7 +239,7 @@ def profile(model, layout: MoELayout, method: str, config: ProfileConfig = Profi
         fingerprint: the model's fingerprint for the cache key (computed when None).
 
     Raises:
-        ValueError: for an unknown method, missing data, or ``fisher`` with ``self_kl``.
+        MopeqError: for an unknown method, missing data, or ``fisher`` with ``self_kl``.
     """
     if not isinstance(model, nn.Module):
         fingerprint, model = fingerprint or model.fingerprint, model.model
@@ -254,7 +254,7 @@ def profile(model, layout: MoELayout, method: str, config: ProfileConfig = Profi
             progress(1.0, f"{method}: served from cache")
             return hit
     start = time.perf_counter()
-    raw = ESTIMATORS[method](model, layout, config, data, progress)
+    raw = methods.resolve(methods.info(method).estimator)(model, layout, config, data, progress)
     scores = _finish(method, raw, layout, config, data, time.perf_counter() - start)
     if key:
         scores.meta.update(cache_key=key, fingerprint=fingerprint)
@@ -265,12 +265,12 @@ def profile(model, layout: MoELayout, method: str, config: ProfileConfig = Profi
 
 def _check(method: str, config: ProfileConfig, data) -> None:
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        raise MopeqError(f"unknown method {method!r}; choose one of {METHODS}")
     if method in DATA_METHODS and (data is None or not data.batches):
-        raise ValueError(f"{method} needs calibration data: pass "
+        raise MopeqError(f"{method} needs calibration data: pass "
                          "data=mopeq.sensitivity.calibration.calibration_batches(...)")
     if method == "fisher" and config.loss == "self_kl":
-        raise ValueError("fisher needs loss='ce': self_kl has zero gradient at the model")
+        raise MopeqError("fisher needs loss='ce': self_kl has zero gradient at the model")
 
 
 def _cache_key(fingerprint: str, method: str, config: ProfileConfig, data) -> str:

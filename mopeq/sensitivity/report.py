@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from mopeq.allocation.allocate import AllocConfig, allocate
+from mopeq.core import defaults as D
 from mopeq.core import methods as method_table
 from mopeq.core.memory import MemoryConfig
 from mopeq.sensitivity.calibration import CalibData, calibration_batches
@@ -50,9 +51,9 @@ class ReportConfig:
     calib_seed: int = 0
     heldout_seed: int = 1000
     targets: tuple[float, ...] = (2.5, 3.0)
-    bits: tuple[int, ...] = (2, 3, 4)
-    group_size: int = 128
-    sym: bool = True
+    bits: tuple[int, ...] = D.BITS
+    group_size: int = D.GROUP_SIZE
+    sym: bool = D.SYM
     pairs: int | None = None  # MME-style evaluation pairs (None: the whole held-out split)
     n_boot: int = 1000
     boot_seed: int = 0

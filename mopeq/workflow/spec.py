@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mopeq.allocation.bitmap import SNAP_RULES
 from mopeq.core import defaults as D
 from mopeq.core import methods
 from mopeq.core.errors import MopeqError
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from mopeq.sensitivity.profile import ProfileConfig
 
 QUANT_MODES = ("rtn", "tuned")
-SNAP_RULES = ("mean", "max", "min")  # allocation.allocate.SNAP_RULES (tests check they match)
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,11 @@ from mopeq.core.errors import MopeqError
 from mopeq.workflow.spec import RunSpec
 
 if TYPE_CHECKING:
-    from mopeq.allocation.allocate import BitMap
+    from mopeq.allocation.bitmap import BitMap
+    from mopeq.core.layout import MoELayout
     from mopeq.core.memory import MemoryEstimate
     from mopeq.evaluation.evaluate import EvalResult
     from mopeq.model.loading import LoadedModel
-    from mopeq.model.moe import MoELayout
     from mopeq.quantize.autoround import QuantResult
     from mopeq.sensitivity.profile import Scores
 
@@ -157,7 +157,7 @@ class Workspace:
     def errors(self, spec: RunSpec | None = None) -> np.ndarray:
         """Per-expert round-to-nearest errors [L, E, len(bits)] (cached by fingerprint)."""
         spec = spec or RunSpec()
-        from mopeq.allocation.allocate import quant_errors
+        from mopeq.allocation.qerror import quant_errors
 
         with user_errors():
             return quant_errors(self.loaded.model, self.layout, spec.bits,
@@ -253,7 +253,7 @@ class Workspace:
     def export(self, quant: QuantResult, bitmap, memory: MemoryEstimate, out: str | Path,
                score_method: str | None = None) -> Path:
         """Write the checkpoint, ``recipe.json`` and engine snippets into ``out``."""
-        from mopeq.quantize.autoround import export
+        from mopeq.quantize.export import export
 
         summary = None if score_method is None else {"method": score_method}
         with user_errors():
@@ -279,7 +279,8 @@ def allocate(scores, layout: MoELayout, spec: RunSpec, *, errors: np.ndarray | N
             experts).
     """
     from mopeq.allocation.allocate import allocate as allocate_bits
-    from mopeq.allocation.allocate import pareto, predicted_loss, snap_per_layer
+    from mopeq.allocation.bitmap import snap_per_layer
+    from mopeq.allocation.budget import pareto, predicted_loss
     from mopeq.core.memory import estimate
 
     config, judge = spec.alloc_config(), scores if judge is None else judge

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mopeq.core.errors import MopeqError
 from mopeq.model.archs.molmoe_weights import EXTRA_TOKENS, special_token_ids
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -158,7 +159,7 @@ def _rgb_array(image) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(image.convert("RGB")), dtype=np.uint8)
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] != 3:
-        raise ValueError(f"expected an RGB image (H, W, 3), got shape {arr.shape}")
+        raise MopeqError(f"expected an RGB image (H, W, 3), got shape {arr.shape}")
     return arr.astype(np.uint8)
 
 
@@ -280,7 +281,7 @@ class MolmoeAdapter:
     batch_size = 4
 
     def __init__(self, model, processor: MolmoeProcessor, max_new_tokens: int = 16):
-        from mopeq.evaluation.evaluate import answer_token_ids
+        from mopeq.evaluation.adapters import answer_token_ids
 
         self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
         tok = processor.tokenizer
@@ -290,7 +291,7 @@ class MolmoeAdapter:
     @torch.no_grad()
     def answer(self, images, questions):
         """Greedy-decode short answers for a batch of (image, question) pairs."""
-        from mopeq.evaluation.evaluate import _yes_no_other
+        from mopeq.evaluation.adapters import yes_no_other
 
         batch = self.processor(images, questions)
         dtype = next(self.model.vision_tower.parameters()).dtype
@@ -308,7 +309,7 @@ class MolmoeAdapter:
             cache = out.cache
             logits = out.logits[:, -1, : self.model.config.embedding_size]
             if step == 0:
-                probs = _yes_no_other(logits, self.yes_ids, self.no_ids)
+                probs = yes_no_other(logits, self.yes_ids, self.no_ids)
             nxt = torch.where(done, torch.full_like(done, eos, dtype=torch.long),
                               logits.argmax(-1))
             tokens.append(nxt)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPVisionConfig, OlmoeConfig
 
+from mopeq.core.errors import MopeqError
 from mopeq.model.archs.molmoe import MolmoeConfig, MolmoeForConditionalGeneration, build
 
 EXTRA_TOKENS = ("<im_start>", "<im_end>", "<im_patch>", "<im_col>", "<|image|>")
@@ -72,7 +73,7 @@ def config_from_hub(hub: dict, special_tokens: dict | None = None) -> MolmoeConf
     """Translate the authors' OLMo-style ``config.json`` into a ``MolmoeConfig``.
 
     Raises:
-        ValueError: for a setting this implementation does not reproduce.
+        MopeqError: for a setting this implementation does not reproduce.
     """
     bad = [f"{k}={hub[k]!r} (supported: {v!r})" for k, v in REQUIRED if k in hub and hub[k] != v]
     vb = hub["vision_backbone"]
@@ -85,7 +86,7 @@ def config_from_hub(hub: dict, special_tokens: dict | None = None) -> MolmoeConf
     if hub.get("image_padding_embed") not in (None, "pad_and_partial_pad"):
         bad.append(f"image_padding_embed={hub['image_padding_embed']!r}")
     if bad:
-        raise ValueError("this MolmoE variant is not supported natively: " + "; ".join(bad))
+        raise MopeqError("this MolmoE variant is not supported natively: " + "; ".join(bad))
     d, heads = hub["d_model"], hub["n_heads"]
     hidden = hub.get("mlp_hidden_size") or hub.get("mlp_ratio", 4) * d
     emb = hub.get("embedding_size") or hub["vocab_size"]
@@ -107,7 +108,7 @@ def config_from_hub(hub: dict, special_tokens: dict | None = None) -> MolmoeConf
         image_size=size[0], patch_size=vb["image_patch_size"], hidden_act="quick_gelu",
         layer_norm_eps=vb.get("image_norm_eps", 1e-5), num_channels=3)
     if vb["image_num_pos"] != (size[0] // vb["image_patch_size"]) ** 2 + 1 or size[0] != size[1]:
-        raise ValueError("this MolmoE variant is not supported natively: non-square crops or a "
+        raise MopeqError("this MolmoE variant is not supported natively: non-square crops or a "
                          "position table that does not match the crop size")
     return MolmoeConfig(text_config=text, vision_config=vision, embedding_size=emb,
                         vit_layers=tuple(hub.get("vit_layers") or (-1,)),
@@ -121,11 +122,11 @@ def special_token_ids(tokenizer) -> dict[str, int]:
     """Ids of Molmo's image tokens, as the authors' processor finds them (one token each).
 
     Raises:
-        ValueError: when the tokenizer does not hold them as single tokens.
+        MopeqError: when the tokenizer does not hold them as single tokens.
     """
     ids = tokenizer.encode("".join(EXTRA_TOKENS), add_special_tokens=False)
     if len(ids) != len(EXTRA_TOKENS):
-        raise ValueError(f"the tokenizer does not encode Molmo's image tokens {EXTRA_TOKENS} as "
+        raise MopeqError(f"the tokenizer does not encode Molmo's image tokens {EXTRA_TOKENS} as "
                          "single tokens: is this MolmoE's tokenizer?")
     return dict(zip(EXTRA_TOKENS, ids, strict=True))
 
@@ -135,7 +136,7 @@ def _safetensors(path: Path) -> dict[str, torch.Tensor]:
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{path} has no .safetensors weights")
+        raise MopeqError(f"{path} has no .safetensors weights")
     out: dict[str, torch.Tensor] = {}
     for f in files:
         out.update(load_file(str(f)))
@@ -146,7 +147,7 @@ def map_hub_state(hub: dict[str, torch.Tensor], config: MolmoeConfig) -> dict[st
     """The authors' state dict -> ``MolmoeForConditionalGeneration`` names and layouts.
 
     Raises:
-        ValueError: naming unmapped or missing checkpoint tensors.
+        MopeqError: naming unmapped or missing checkpoint tensors.
     """
     hub = dict(hub)
     out = {}
@@ -180,7 +181,7 @@ def map_hub_state(hub: dict[str, torch.Tensor], config: MolmoeConfig) -> dict[st
                 out[template.format(*m.groups())] = hub.pop(name)
                 break
     if hub:
-        raise ValueError(f"{len(hub)} checkpoint tensors have no place in MolmoE, e.g. "
+        raise MopeqError(f"{len(hub)} checkpoint tensors have no place in MolmoE, e.g. "
                          f"{sorted(hub)[:3]}")
     return out
 
@@ -220,7 +221,7 @@ def _assign(model: MolmoeForConditionalGeneration, state: dict, dtype,
     if skip_prefix:
         missing = [k for k in missing if not k.startswith(skip_prefix)]
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match MolmoE: missing {missing[:4]}, "
+        raise MopeqError(f"checkpoint does not match MolmoE: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}")
     from transformers.models.olmoe.modeling_olmoe import OlmoeRotaryEmbedding
 
@@ -232,7 +233,7 @@ def _assign(model: MolmoeForConditionalGeneration, state: dict, dtype,
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
             if t.is_meta and not (skip_prefix and n.startswith(skip_prefix))]
     if left:
-        raise ValueError(f"MolmoE tensors left uninitialised after loading: {left[:4]}")
+        raise MopeqError(f"MolmoE tensors left uninitialised after loading: {left[:4]}")
     return model.eval()
 
 

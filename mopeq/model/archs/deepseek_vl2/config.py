@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import json
 
+from mopeq.core.errors import MopeqError
+
 # The authors' DeepseekV2Config defaults for the keys that matter here (their configuration file).
 LANGUAGE_DEFAULTS = {
     "vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008,
@@ -62,14 +64,14 @@ class DeepseekVL2Config:
         self.raw = copy.deepcopy(raw)
         top = {**TOP_DEFAULTS, **raw}
         if top["tile_tag"] != "2D":
-            raise ValueError(f"tile_tag {top['tile_tag']!r} is not supported (the released "
+            raise MopeqError(f"tile_tag {top['tile_tag']!r} is not supported (the released "
                              "DeepSeek-VL2 checkpoints use '2D')")
         self.tile_tag, self.global_view_pos = top["tile_tag"], top["global_view_pos"]
         self.candidate_resolutions = [tuple(r) for r in top["candidate_resolutions"]]
         self.projector = {**PROJECTOR_DEFAULTS, **raw.get("projector_config", {})}
         if self.projector["projector_type"] != "downsample_mlp_gelu" or self.projector[
                 "token_pooling"]:
-            raise ValueError("only the 'downsample_mlp_gelu' projector of the released "
+            raise MopeqError("only the 'downsample_mlp_gelu' projector of the released "
                              f"checkpoints is supported, got {self.projector}")
         self.vision_config = siglip_config(raw.get("vision_config", {}))
         self.language_config = language_config(raw.get("language_config", {}))
@@ -100,7 +102,7 @@ def siglip_config(vision: dict):
 
     v = {**VISION_DEFAULTS, **vision}
     if v["class_token"] or v["global_pool"] != "map" or not v["ignore_head"]:
-        raise ValueError(f"unsupported vision_config {vision}: the released checkpoints use no "
+        raise MopeqError(f"unsupported vision_config {vision}: the released checkpoints use no "
                          "class token and an ignored 'map' head")
     return SiglipVisionConfig(
         hidden_size=v["width"], intermediate_size=int(v["width"] * v["mlp_ratio"]),
@@ -113,7 +115,7 @@ def language_config(language: dict):
     """Transformers config of the language model (see the module docstring for the mapping).
 
     Raises:
-        ValueError: for routing or layer patterns that transformers' classes cannot express.
+        MopeqError: for routing or layer patterns that transformers' classes cannot express.
     """
     from transformers import DeepseekV2Config, DeepseekV3Config
 
@@ -149,7 +151,7 @@ def _check_language(c: dict) -> None:
         problems.append(f"topk_method={c['topk_method']!r} with scoring_func="
                         f"{c['scoring_func']!r}")
     if problems:
-        raise ValueError("unsupported DeepSeek-VL2 language_config: " + "; ".join(problems))
+        raise MopeqError("unsupported DeepSeek-VL2 language_config: " + "; ".join(problems))
 
 
 def _attention_dims(c: dict) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mopeq.core.errors import MopeqError
 from mopeq.model.archs.deepseek_vl2.config import DeepseekVL2Config
 from mopeq.model.archs.deepseek_vl2.model import DeepseekVL2ForCausalLM
 from mopeq.model.archs.deepseek_vl2.processing import DeepseekVL2Processor
@@ -39,7 +40,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
     """Model and processor from a folder in the hub layout or mopeq's quantized export.
 
     Raises:
-        ValueError: when the folder's tensors and the model's parameters do not match.
+        MopeqError: when the folder's tensors and the model's parameters do not match.
     """
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
@@ -59,7 +60,7 @@ def _read_tensors(path: Path):
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{path} holds no *.safetensors weights")
+        raise MopeqError(f"{path} holds no *.safetensors weights")
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for name in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
@@ -141,13 +142,13 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], strict: bool) -> N
     unexpected = sorted(set(state) - expected)
     missing = sorted(expected - set(state))
     if unexpected or (strict and missing):
-        raise ValueError(f"checkpoint does not match DeepSeek-VL2 ({type(model).__name__}): "
+        raise MopeqError(f"checkpoint does not match DeepSeek-VL2 ({type(model).__name__}): "
                          f"{len(missing)} missing e.g. {missing[:3]}, {len(unexpected)} without a "
                          f"place e.g. {unexpected[:3]}")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     bad = [k for k, v in state.items() if tuple(v.shape) != shapes[k]]
     if bad:
-        raise ValueError(f"shape mismatch for {bad[:3]}: e.g. {tuple(state[bad[0]].shape)} in the "
+        raise MopeqError(f"shape mismatch for {bad[:3]}: e.g. {tuple(state[bad[0]].shape)} in the "
                          f"checkpoint vs {shapes[bad[0]]} in the model")
     model.load_state_dict(state, strict=False, assign=True)
 
@@ -156,7 +157,7 @@ def init_buffers(model: nn.Module) -> None:
     """Compute the non-persistent buffers; fail if any tensor is still without data.
 
     Raises:
-        ValueError: naming a parameter or buffer left on the meta device.
+        MopeqError: naming a parameter or buffer left on the meta device.
     """
     for name, module in list(model.named_modules()):
         if type(module).__name__.endswith("RotaryEmbedding"):
@@ -168,7 +169,7 @@ def init_buffers(model: nn.Module) -> None:
             module.position_ids = torch.arange(n).expand((1, -1))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise ValueError(f"{len(left)} tensors were never loaded, e.g. {left[:3]}")
+        raise MopeqError(f"{len(left)} tensors were never loaded, e.g. {left[:3]}")
 
 
 def _load_quantized(path: Path, config: DeepseekVL2Config, lm_folder: str,
@@ -187,6 +188,6 @@ def _load_quantized(path: Path, config: DeepseekVL2Config, lm_folder: str,
     expected = {k for k in model.state_dict() if not k.startswith("language_model.")}
     missing = sorted(expected - set(rest) - {k for k in expected if k.endswith("position_ids")})
     if missing:
-        raise ValueError(f"quantized export {path} lacks {missing[:3]}")
+        raise MopeqError(f"quantized export {path} lacks {missing[:3]}")
     _assign(model, rest, strict=False)
     return model

@@ -241,7 +241,7 @@ class DeepseekVL2Adapter:
     batch_size = 8
 
     def __init__(self, model, processor, max_new_tokens: int = 16):
-        from mopeq.evaluation.evaluate import answer_token_ids
+        from mopeq.evaluation.adapters import answer_token_ids
 
         self.model, self.processor = model, processor
         self.max_new_tokens = max_new_tokens

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mopeq.core.errors import MopeqError
+
 # timm suffix -> SigLIP suffix, inside one block (``blocks.{i}.`` -> ``encoder.layers.{i}.``)
 _BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj",
           "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
@@ -65,7 +67,7 @@ def timm_to_siglip(timm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Timm ``VisionTransformer`` tensors (names without ``vision.``) -> SiglipVisionModel's.
 
     Raises:
-        KeyError: naming a tensor that has no place in the SigLIP tower.
+        MopeqError: naming a tensor that has no place in the SigLIP tower.
     """
     out, pool = {}, {}
     for name, t in timm.items():
@@ -119,5 +121,5 @@ def _rename(name: str, top: dict, block: dict, inverse: bool = False) -> str:
             return f"{head}.{m[1]}.{block[m[2]]}.{leaf}"
     elif stem in top:
         return f"{top[stem]}.{leaf}"
-    raise KeyError(f"vision tensor {name!r} has no counterpart: not a DeepSeek-VL2 SigLIP "
+    raise MopeqError(f"vision tensor {name!r} has no counterpart: not a DeepSeek-VL2 SigLIP "
                    "checkpoint, or a layout mopeq.model.archs.deepseek_vl2.vision does not know")
