@@ -6,7 +6,6 @@ import inspect
 import pytest
 
 from mopeq.cli import build_parser
-from mopeq.cli import options as cli_options
 from mopeq.core import defaults as D
 from mopeq.core import methods
 from mopeq.core.errors import MopeqError
