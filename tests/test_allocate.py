@@ -516,3 +516,35 @@ def test_user_errors_are_mopeq_errors(layout, problem):
         allocate(scores, layout, AllocConfig(method="budget", target_bits=1.0), errors=errors)
     assert all(issubclass(e, MopeqError)
                for e in (ModelLoadError, NotMoEError, NoExpertGradient, CostTooHigh))
+
+
+def test_inverted_gives_the_most_sensitive_cluster_the_fewest_bits(layout):
+    """``inverted``: one table row + one handler (issue #14's proof of a new method)."""
+    from mopeq.core import methods
+
+    rng = np.random.default_rng(3)
+    scores = rng.lognormal(size=(layout.num_moe_layers, layout.num_experts))
+    for scope in ("model", "layer"):
+        cfg = dict(clusters=3, bits=(2, 3, 4), scope=scope, seed=1)
+        ref = allocate(scores, layout, AllocConfig(method="kmeans", **cfg))
+        inv = allocate(scores, layout, AllocConfig(method="inverted", **cfg))
+        assert np.array_equal(inv.labels, ref.labels)  # the same clusters
+        mirror = {2: 4, 3: 3, 4: 2}
+        assert np.array_equal(inv.bits, np.vectorize(mirror.get)(ref.bits))
+        top = scores == scores.max()
+        assert (inv.bits[top] == 2).all() and (ref.bits[top] == 4).all()
+    assert "inverted" in methods.ALLOC_NAMES
+
+
+def test_a_new_allocation_method_reaches_every_surface():
+    """The table row is all the CLI, the page's controls and the spec need."""
+    from mopeq.app import view
+    from mopeq.cli import build_parser
+    from mopeq.workflow.spec import RunSpec
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert "inverted" in sub.choices["allocate"]._option_string_actions["--method"].choices
+    shown = view.alloc_controls("inverted")
+    assert shown["clusters"] and shown["seed"] and not shown["target_bits"]
+    assert shown["score_source"] and not shown["uniform_bits"]
+    assert RunSpec(alloc_method="inverted").alloc_config().method == "inverted"

@@ -1,7 +1,8 @@
 """The baselines: every expert at one width (``uniform``), or a reference map's bits shuffled.
 
 ``random`` permutes a reference map's bits (same multiset, so the same average bits), over the
-whole model or within each layer (``scope``), seeded.
+whole model or within each layer (``scope``), seeded. ``inverted`` is the k-means map with its
+clusters' widths in reverse order: a control that any useful sensitivity must beat.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mopeq.allocation.bitmap import AllocInputs, BitMap, new_map
-from mopeq.allocation.kmeans import cluster_map
+from mopeq.allocation.kmeans import cluster_map, spread
 from mopeq.core.errors import MopeqError
 from mopeq.core.layout import MoELayout
 
@@ -39,3 +40,18 @@ def random_map(inputs: AllocInputs, layout: MoELayout, config: AllocConfig) -> B
     meta = {"scope": config.scope, "reference_method": reference.method,
             "reference_avg_bits": reference.avg_bits}
     return new_map(bits, layout, "random", config, meta=meta)
+
+
+def inverted_map(inputs: AllocInputs, layout: MoELayout, config: AllocConfig) -> BitMap:
+    """The k-means clusters with the widths reversed: the most sensitive get the fewest bits.
+
+    Not a recipe but a control: the gap between ``kmeans`` and ``inverted`` at similar average
+    bits is what a sensitivity's ranking is worth (a score that ranks experts backwards makes
+    ``inverted`` the better of the two).
+    """
+    reference = cluster_map(inputs.s, layout, config, "kmeans")
+    flipped = (config.clusters - 1) - reference.labels
+    bits = np.asarray(config.bits)[spread(flipped, config.clusters, len(config.bits))]
+    return new_map(bits, layout, "inverted", config, labels=reference.labels,
+                   centroids=reference.centroids,
+                   meta={**reference.meta, "reference_method": reference.method})

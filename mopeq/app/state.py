@@ -298,7 +298,7 @@ def allocation(entry: ModelEntry, score: Scores, settings: AllocSettings,
     ``judge``: the sensitivities the predicted loss weighs errors by (default ``score``).
     """
     spec = settings.spec()
-    need_errors = with_pareto or spec.alloc_method == "budget"
+    need_errors = with_pareto or methods.ALLOC_BY_NAME[spec.alloc_method].needs_errors
     errs = errors(entry, spec.bits, spec.group_size) if need_errors else None
     return entry.workspace.allocate(spec, score, errors=errs, with_pareto=with_pareto,
                                     judge=judge)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mopeq.core import methods
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -128,7 +130,9 @@ def runs_table(runs: list[dict]) -> pd.DataFrame:
 
 def run_group(summary: dict) -> str:
     """Allocation method and, where it matters, the scores it used: 'kmeans · hessian'."""
-    uses_scores = summary["method"] in ("kmeans", "budget", "random") and summary.get("scores")
+    info = methods.ALLOC_BY_NAME.get(summary["method"])  # None: e.g. an AutoScheme row
+    uses_scores = (info is not None and info.needs_scores and info.score_method is None
+                   and summary.get("scores"))
     return f"{summary['method']} · {summary['scores']}" if uses_scores else summary["method"]
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING, Any
 
+from mopeq.core import defaults as D
+from mopeq.core import methods
+
 if TYPE_CHECKING:
     import pandas as pd
 
 UNITS = {"MB": 1e6, "GB": 1e9}  # decimal, like mopeq.core.memory (plots.UNITS: plotly stays lazy)
-CLUSTERED = ("kmeans", "frequency", "random")
-SEEDED = ("kmeans", "frequency", "random")  # k-means++ init, the random permutation
 PROBED = ("frobenius", "hessian")  # Hutchinson probes; fisher and frequency are exact sums
 METHOD_DETAIL = {"fisher": "squared gradients on calibration data",
                  "frequency": "routing counts on calibration data",
@@ -43,11 +44,12 @@ def score_controls(method: str, closed_form: bool) -> dict[str, bool]:
 
 
 def alloc_controls(method: str) -> dict[str, bool]:
-    """Visibility of the allocation controls for ``method`` (``frequency`` has no Scores)."""
-    return {"clusters": method in CLUSTERED, "scope": method in CLUSTERED,
-            "log_scores": method in ("kmeans", "frequency"), "target_bits": method == "budget",
-            "uniform_bits": method == "uniform", "seed": method in SEEDED,
-            "score_source": method != "frequency"}
+    """Visibility of the allocation controls for ``method``, from its row of the table."""
+    info = methods.ALLOC_BY_NAME[method]
+    return {"clusters": info.uses_clusters, "scope": info.uses_scope,
+            "log_scores": info.uses_clusters, "target_bits": info.uses_target,
+            "uniform_bits": info.uses_uniform_bits, "seed": info.seeded,
+            "score_source": info.needs_scores and info.score_method is None}
 
 
 def target_bounds(bits) -> tuple[float, float]:
@@ -58,7 +60,7 @@ def target_bounds(bits) -> tuple[float, float]:
 
 def budget_note(method: str, target: float, bits) -> str:
     """A loud note when a budget target lies outside what the bit set can reach ('' if not)."""
-    if method != "budget" or not bits:
+    if not methods.ALLOC_BY_NAME[method].uses_target or not bits:
         return ""
     lo, hi = target_bounds(bits)
     if target > hi + 1e-9:
@@ -69,8 +71,9 @@ def budget_note(method: str, target: float, bits) -> str:
 
 def judge_method(score_source: str, method: str) -> str:
     """The scores the predicted loss weighs errors by: a sensitivity, never routing counts."""
-    if method == "frequency" or score_source == "frequency":
-        return "frobenius"
+    fixed = methods.ALLOC_BY_NAME[method].score_method
+    if "frequency" in (fixed, score_source):
+        return D.SCORE_METHOD
     return score_source
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from mopeq.core import methods
 from mopeq.core.errors import MopeqError
 from mopeq.workflow.spec import RunSpec
 
@@ -226,7 +227,7 @@ def cmd_allocate(args) -> int:
                              f"{spec.allocation_score_method} scores or the weights")
         scores = ws.allocation_scores(spec, scores, on_progress=_progress(args))
     errors = None
-    if spec.alloc_method == "budget":
+    if methods.ALLOC_BY_NAME[spec.alloc_method].needs_errors:
         if ws is None:
             raise MopeqError("budget allocation needs the weights (quantization errors)")
         errors = ws.errors(spec)

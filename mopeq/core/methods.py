@@ -115,6 +115,9 @@ class AllocatorInfo:
         uses_uniform_bits: reads ``uniform_bits``.
         needs_scores: the result depends on the scores.
         needs_errors: uses per-width quantization errors (``quant_errors`` or the scores' own).
+        seeded: reads ``seed`` (k-means++ seeding, a permutation).
+        score_method: the scores it always ranks by, whatever the user picked (``frequency``:
+            routing counts), or None.
     """
 
     name: str
@@ -126,20 +129,27 @@ class AllocatorInfo:
     uses_uniform_bits: bool = False
     needs_scores: bool = True
     needs_errors: bool = False
+    seeded: bool = False
+    score_method: str | None = None
 
 
 _ALLOC = "mopeq.allocation."
 ALLOCATORS: tuple[AllocatorInfo, ...] = (
     AllocatorInfo("kmeans", "MoPEQ: k-means clusters of the scores, most sensitive -> most bits",
-                  _ALLOC + "kmeans:kmeans_map", uses_clusters=True, uses_scope=True),
+                  _ALLOC + "kmeans:kmeans_map", uses_clusters=True, uses_scope=True, seeded=True),
     AllocatorInfo("budget", "least predicted loss within a memory target (bits or GB)",
                   _ALLOC + "budget:budget_map", uses_target=True, needs_errors=True),
     AllocatorInfo("uniform", "every expert at one width", _ALLOC + "baselines:uniform_map",
                   uses_uniform_bits=True, needs_scores=False),
     AllocatorInfo("frequency", "k-means clusters of routing frequencies",
-                  _ALLOC + "kmeans:kmeans_map", uses_clusters=True, uses_scope=True),
+                  _ALLOC + "kmeans:kmeans_map", uses_clusters=True, uses_scope=True, seeded=True,
+                  score_method="frequency"),
     AllocatorInfo("random", "the k-means map's bits, shuffled (seeded)",
-                  _ALLOC + "baselines:random_map", uses_clusters=True, uses_scope=True),
+                  _ALLOC + "baselines:random_map", uses_clusters=True, uses_scope=True,
+                  seeded=True),
+    AllocatorInfo("inverted", "control: the k-means clusters with their widths reversed "
+                  "(most sensitive -> fewest bits)", _ALLOC + "baselines:inverted_map",
+                  uses_clusters=True, uses_scope=True, seeded=True),
 )
 ALLOC_BY_NAME: dict[str, AllocatorInfo] = {m.name: m for m in ALLOCATORS}
 ALLOC_NAMES: tuple[str, ...] = tuple(ALLOC_BY_NAME)

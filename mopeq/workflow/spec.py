@@ -136,7 +136,7 @@ class RunSpec:
         """The allocation stage's ``AllocConfig`` (a budget target only for ``budget``)."""
         from mopeq.allocation.allocate import AllocConfig
 
-        budget = self.alloc_method == "budget"
+        budget = methods.ALLOC_BY_NAME[self.alloc_method].uses_target
         return _built(AllocConfig, method=self.alloc_method, clusters=self.clusters,
                       bits=self.bits, scope=self.scope, log_scores=self.log_scores,
                       target_bits=self.target_bits if budget and self.target_gb is None else None,
@@ -156,7 +156,7 @@ class RunSpec:
     @property
     def allocation_score_method(self) -> str:
         """The scores the allocation ranks by: ``frequency`` always uses routing counts."""
-        return "frequency" if self.alloc_method == "frequency" else self.score_method
+        return methods.ALLOC_BY_NAME[self.alloc_method].score_method or self.score_method
 
     def for_allocation(self) -> RunSpec:
         """This spec with the scores the allocation ranks by."""
