@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mopeq.app import state as st
+from mopeq.app import tables
 from mopeq.embedded import synthetic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -316,11 +317,11 @@ def test_alloc_settings_validate():
 
 def test_scores_export_without_a_run(embedded_model):
     entry = st.ModelCache().get("embedded")
-    score, _ = st.scores(entry, st.ScoreSpec("frobenius"))
-    alloc = st.allocation(entry, score, st.AllocSettings())
+    score, _ = st.profile(entry, st.ScoreSpec("frobenius"))
+    alloc = st.allocate(entry, score, st.AllocSettings())
     state = st.SessionState()
     first = state.export_folder()
-    files = st.export_files(entry, score, alloc.bitmap.bits.tolist(), None, first)
+    files = st.export(entry, score, alloc.bitmap.bits.tolist(), None, first)
     assert [Path(f).name for f in files] == ["scores_frobenius.csv"]
     import pandas as pd
 
@@ -344,7 +345,7 @@ def test_cancelling_a_running_sensitivity_stops_it_and_frees_the_model(embedded_
             flag.set()
 
     with pytest.raises(st.Cancelled):
-        st.scores(entry, st.ScoreSpec("hessian", probes=64), st.cancellable(flag, report))
+        st.profile(entry, st.ScoreSpec("hessian", probes=64), st.cancellable(flag, report))
     assert len(calls) == 2
     assert entry.lock.acquire(blocking=False)  # released
     entry.lock.release()
@@ -358,7 +359,7 @@ def test_runs_scatter_points_group_by_method_and_scores():
              "baseline_score": 100.0, "pairs": 50},
             {"method": "uniform", "scores": "frobenius", "avg_bits": 4.0, "gb": 1.2,
              "score": 95.0, "baseline_score": 98.0, "pairs": 20}]
-    points = st.tradeoff_points(runs, bf16_gb=3.0)
+    points = tables.tradeoff_points(runs, bf16_gb=3.0)
     assert [p["method"] for p in points] == ["kmeans · hessian", "uniform", "baseline",
                                              "baseline"]
     assert [p["score"] for p in points if p.get("baseline")] == [98.0, 100.0]
@@ -373,11 +374,11 @@ def test_sensitivity_quality_panel_ranks_methods_against_measured(embedded_model
     entry = st.ModelCache().get("embedded")
     config = ReportConfig(methods=("frequency", "block_error"), n_batches=1, batch_size=4,
                           targets=(), bits=(2,), pairs=14, use_cache=False)
-    report = st.sensitivity_quality(entry, config)
-    table = st.report_table(report)
+    report = st.report(entry, config)
+    table = tables.report_table(report)
     assert list(table["method"]) == ["measured", "frequency", "block_error"]
     assert table.loc[0, "spearman"] == pytest.approx(1.0)
     assert all(-1 <= r <= 1 for r in table["spearman"])
-    text = st.report_summary(report)
+    text = tables.report_summary(report)
     best = max(report.rows[1:], key=lambda r: r["spearman"])["method"]
     assert f"**{best}**" in text and "95 % CI" in text

@@ -6,6 +6,7 @@ import numpy as np
 
 from mopeq.app import figures as plots
 from mopeq.app import state as st
+from mopeq.app import tables
 from mopeq.app.api import run_text, significance_text
 from mopeq.evaluation.evaluate import compare, score_mme
 from mopeq.workflow.workspace import interval_fields
@@ -59,10 +60,10 @@ def test_every_score_in_the_run_line_has_its_plus_minus():
 
 def test_category_and_runs_tables_carry_intervals():
     run = _run(0.2)
-    table = st.category_table(run)
+    table = tables.category_table(run)
     assert {"baseline ±", "quantized ±", "delta 95% CI"} <= set(table.columns)
     assert table["quantized ±"].notna().all() and (table["quantized ±"] > 0).all()
-    runs = st.runs_table([_summary(run)])
+    runs = tables.runs_table([_summary(run)])
     assert runs.loc[0, "score ±"] > 0 and runs.loc[0, "delta 95% CI"].startswith("[")
     assert 0 <= runs.loc[0, "p_value"] <= 1
 
@@ -77,7 +78,7 @@ def test_charts_draw_error_bars_from_intervals():
     assert list(err.arrayminus) == [scores[c] - cis[c][0] for c in scores]
     assert plots.results_bars({"q": scores}).data[0].error_y.array is None
     s = {**_summary(run), "method": "kmeans", "avg_bits": 3.0}
-    points = st.tradeoff_points([s], bf16_gb=0.002)
+    points = tables.tradeoff_points([s], bf16_gb=0.002)
     fig = plots.tradeoff_scatter(points)
     assert all(tr.error_y.array is not None for tr in fig.data)  # the run and its baseline
 
@@ -87,7 +88,7 @@ def test_api_endpoints_pass_the_seed_and_the_gb_target(monkeypatch):
     from mopeq.app.api import Api
 
     seen = {}
-    monkeypatch.setattr(st, "scores", lambda entry, spec, *a: (SimpleNamespace(
+    monkeypatch.setattr(st, "profile", lambda entry, spec, *a: (SimpleNamespace(
         method=spec.method, scores=np.ones((1, 2))), False))
 
     def allocation(entry, score, settings, with_pareto=True, judge=None):
@@ -95,9 +96,9 @@ def test_api_endpoints_pass_the_seed_and_the_gb_target(monkeypatch):
         bitmap = SimpleNamespace(clusters_table=lambda s: [])
         return SimpleNamespace(to_json=lambda: {}, bitmap=bitmap)
 
-    monkeypatch.setattr(st, "allocation", allocation)
+    monkeypatch.setattr(st, "allocate", allocation)
     monkeypatch.setattr(st, "quantize_evaluate", lambda *a, **kw: seen.update(qseed=kw["seed"]))
-    monkeypatch.setattr(st, "run_summary", lambda run, pairs: {})
+    monkeypatch.setattr(tables, "run_summary", lambda run, pairs: {})
     api = Api(SimpleNamespace(get=lambda *a: SimpleNamespace()))
     api.allocate(method="budget", target_gb=0.25, seed=3)
     assert seen["settings"].spec().alloc_config().target_gb == 0.25

@@ -122,6 +122,7 @@ def test_one_export_is_one_run_every_file_named_after_it(olmoe, tmp_path):
     import pandas as pd
 
     from mopeq.app import state as st
+    from mopeq.app import tables
     from mopeq.model.loading import LoadedModel
     from mopeq.sensitivity.profile import ProfileConfig, profile
     from mopeq.workflow.spec import RunSpec
@@ -136,9 +137,9 @@ def test_one_export_is_one_run_every_file_named_after_it(olmoe, tmp_path):
     run = Run("#1 kmeans · frobenius 3.00b", alloc, quant, None, None, {}, used)
     live = used.__class__("hessian", used.scores * 0 + 7.0, used.per_projection)
     live_bits = np.full(alloc.bitmap.bits.shape, 4).tolist()  # the page moved on since the run
-    files = st.export_files(entry, live, live_bits, run, tmp_path)
+    files = st.export(entry, live, live_bits, run, tmp_path)
     names = sorted(p.rsplit("/", 1)[-1] for p in files)
-    prefix = st.run_file_prefix(run.label)
+    prefix = tables.run_file_prefix(run.label)
     assert prefix == "run1_kmeans_frobenius_3.00b_"
     assert all(n.startswith(prefix) for n in names)
     assert f"{prefix}scores_frobenius.csv" in names and f"{prefix}checkpoint.zip" in names

@@ -6,7 +6,7 @@ library objects into the short Markdown the page shows. No gradio, no torch at i
 """
 
 from mopeq.app import state as st
-from mopeq.app import view
+from mopeq.app import tables, view
 from mopeq.core import defaults as D
 
 # ------------------------------------------------------------------------ text helpers
@@ -139,7 +139,7 @@ class Api:
             trust_remote_code: as for load_model.
         """
         entry = self.models.get(source, trust_remote_code)
-        score, cached = st.scores(entry, st.ScoreSpec(method, probes, closed_form))
+        score, cached = st.profile(entry, st.ScoreSpec(method, probes, closed_form))
         return {**score.to_json(), "cache_hit": cached, "layers": entry.layout.moe_layers}
 
     def allocate(self, source: str = st.EMBEDDED, score_method: str = D.SCORE_METHOD,
@@ -180,8 +180,8 @@ class Api:
         entry, score = self._setup(source, trust_remote_code, score_method, probes,
                                    closed_form, settings)
         judged = view.judge_method(score_method, settings.method)
-        judge = st.scores(entry, st.ScoreSpec(judged, probes, closed_form))[0]
-        alloc = st.allocation(entry, score, settings, judge=judge)
+        judge = st.profile(entry, st.ScoreSpec(judged, probes, closed_form))[0]
+        alloc = st.allocate(entry, score, settings, judge=judge)
         note = view.budget_note(settings.method, settings.target_bits, settings.bits)
         return {**alloc.to_json(), "score_method": score.method, "judge_method": judged,
                 "warnings": [note.strip().replace("*", "").lstrip("⚠ ")] if note else [],
@@ -226,12 +226,12 @@ class Api:
                                        target_gb)
         entry, score = self._setup(source, trust_remote_code, score_method, probes,
                                    closed_form, settings)
-        alloc = st.allocation(entry, score, settings, with_pareto=False)
+        alloc = st.allocate(entry, score, settings, with_pareto=False)
         run = st.quantize_evaluate(entry, alloc, settings, mode, pairs, seed=seed)
-        return st.run_summary(run, pairs)
+        return tables.run_summary(run, pairs)
 
     def _setup(self, source, trust, score_method, probes, closed_form, settings):
         entry = self.models.get(source, trust)
         spec = st.ScoreSpec(settings.score_method(score_method), probes, closed_form)
-        score, _ = st.scores(entry, spec)
+        score, _ = st.profile(entry, spec)
         return entry, score

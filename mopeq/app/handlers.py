@@ -12,7 +12,7 @@ import time
 
 import gradio as gr
 
-from mopeq.app import page, view
+from mopeq.app import page, tables, view
 from mopeq.app import state as st
 from mopeq.app.api import layout_text, profile_text, run_text
 from mopeq.app.errors import readable_errors
@@ -56,7 +56,7 @@ class Handlers:
         """The session's scores for ``method``, computed (with the page's probes) if missing."""
         if method not in state.scores:
             spec = st.ScoreSpec(method, probes or 0, closed_form)
-            state.scores[method], _ = st.scores(entry, spec, on_progress)
+            state.scores[method], _ = st.profile(entry, spec, on_progress)
         return state.scores[method]
 
     def _method_choices(self, state, shown: str | None = None) -> dict:
@@ -112,12 +112,12 @@ class Handlers:
                                                                  self._active(state)))
         state.use_model(key)
         first = defaults.SCORE_METHOD  # the paper's score, whatever was shown before
-        score, cached = st.scores(entry, st.ScoreSpec(first, closed_form=True))
+        score, cached = st.profile(entry, st.ScoreSpec(first, closed_form=True))
         state.scores[first] = score
         info, q = st.layout_summary(entry), self.ui.quantize
         restored = page.restore_runs(state, saved_runs, entry.loaded.fingerprint)
         return {self.ui.model.layout_md: view.ACTIVE + layout_text(info),
-                self.ui.model.params_df: st.layout_table(info),
+                self.ui.model.params_df: tables.layout_table(info),
                 self.ui.sensitivity.profile_md: profile_text(score, cached),
                 **self._method_choices(state, shown=first), self.ui.model.source: key[0],
                 **(self._runs_views(state, entry, tradeoff_y) if restored else
@@ -139,7 +139,7 @@ class Handlers:
         entry = self._entry(state)
         flag = state.new_job("profile")
         spec = st.ScoreSpec(method, probes, closed_form)
-        score, cached = st.scores(entry, spec, st.cancellable(flag, reporter(progress)))
+        score, cached = st.profile(entry, spec, st.cancellable(flag, reporter(progress)))
         state.scores[spec.method] = score
         return {self.ui.sensitivity.profile_md: profile_text(score, cached),
                 **self._method_choices(state, shown=spec.method)}
@@ -181,7 +181,7 @@ class Handlers:
                              closed_form)
         judge = self._scores(state, entry, view.judge_method(score_source, settings.method),
                              probes, closed_form)
-        alloc = state.allocation = st.allocation(entry, score, settings, judge=judge)
+        alloc = state.allocation = st.allocate(entry, score, settings, judge=judge)
         return {**page.alloc_outputs(self.ui, state, entry, alloc, score, judge, settings),
                 **self._heatmap(state, entry, view_method, view_kind, projection, log_view,
                                 probes, closed_form)}
@@ -198,8 +198,8 @@ class Handlers:
                                uniform_bits, group_size, base_bits, snap, seed)
         score = self._scores(state, entry, settings.score_method(score_source), probes,
                              closed_form)
-        alloc = st.allocation(entry, score, settings, with_pareto=False)
-        group = st.run_group({"method": settings.method, "scores": score.method})
+        alloc = st.allocate(entry, score, settings, with_pareto=False)
+        group = tables.run_group({"method": settings.method, "scores": score.method})
         label = f"#{len(state.runs) + 1} {group} {alloc.bitmap.avg_bits:.2f}b"
         flag = state.new_job("quantize")
         run_seed = int(quant_seed or 0) if mode == "tuned" else 0
@@ -208,13 +208,13 @@ class Handlers:
                                    st.cancellable(flag, reporter(progress)), seed=run_seed,
                                    scores=score)
         self.run_seconds = [*self.run_seconds[-4:], time.perf_counter() - started]
-        summary = st.run_summary(run, pairs)
+        summary = tables.run_summary(run, pairs)
         state.last_run = run
         state.runs.append(summary)
         seeded = f" · seed {run_seed}" if mode == "tuned" else ""
         q = self.ui.quantize
         return {q.run_md: run_text(summary) + seeded,
-                q.category_df: view.readable(st.category_table(run), "{:.1f}"),
+                q.category_df: view.readable(tables.category_table(run), "{:.1f}"),
                 q.results_plot: _results_figure(summary, run.label),
                 self.ui.saved_runs: page.saved_runs(state, entry.loaded.fingerprint),
                 **self._runs_views(state, entry, tradeoff_y)}
@@ -237,7 +237,7 @@ class Handlers:
         progress(0.2, desc="writing files")
         score = self._scores(state, entry, score_source, probes, closed_form)
         bits = None if state.allocation is None else state.allocation.bitmap.bits.tolist()
-        files = st.export_files(entry, score, bits, state.last_run, state.export_folder())
+        files = st.export(entry, score, bits, state.last_run, state.export_folder())
         note = EXPORTED.format(label=state.last_run.label) if state.last_run else SCORES_ONLY
         return {self.ui.export.files: files, self.ui.export.export_md: note}
 
@@ -246,10 +246,10 @@ class Handlers:
         """Rank every sensitivity method against ``measured`` (the sensitivity report)."""
         entry = self._entry(state)
         flag = state.new_job("report")
-        report = st.sensitivity_quality(entry, on_progress=st.cancellable(
+        report = st.report(entry, on_progress=st.cancellable(
             flag, reporter(progress)))
-        return {self.ui.report.report_md: st.report_summary(report),
-                self.ui.report.report_df: view.readable(st.report_table(report), "{:.3g}")}
+        return {self.ui.report.report_md: tables.report_summary(report),
+                self.ui.report.report_df: view.readable(tables.report_table(report), "{:.3g}")}
 
 
 def _results_figure(summary: dict, label: str):

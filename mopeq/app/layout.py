@@ -15,7 +15,7 @@ import gradio as gr
 
 from mopeq.allocation.bitmap import SNAP_RULES
 from mopeq.app import state as st
-from mopeq.app import text, view
+from mopeq.app import tables, text, view
 from mopeq.core import defaults, methods
 
 BIT_CHOICES = [2, 3, 4, 8]
@@ -281,7 +281,7 @@ def allocation_results() -> AllocationResults:
         bits_plot = gr.Plot(label="Assigned bits", elem_id="bits-plot")
     with gr.Row():
         pareto_plot = gr.Plot(label="Memory vs predicted loss", elem_id="pareto-plot")
-        clusters_df = gr.Dataframe(headers=list(st.CLUSTER_COLUMNS), label="Clusters",
+        clusters_df = gr.Dataframe(headers=list(tables.CLUSTER_COLUMNS), label="Clusters",
                                    interactive=False, elem_id="clusters-table")
     with gr.Accordion("Compare two methods (rank correlation)", open=False):
         with gr.Row(equal_height=True):
@@ -333,7 +333,7 @@ def quantize_panel() -> QuantizePanel:
             tradeoff_plot = gr.Plot(label="Your runs: memory vs score", elem_id="tradeoff-plot")
             tradeoff_y = gr.Radio(TRADEOFF_AXES, value=TRADEOFF_AXES[0][1], label="y axis",
                                   elem_id="tradeoff-y")
-        runs_df = gr.Dataframe(headers=list(st.RUN_COLUMNS), interactive=False,
+        runs_df = gr.Dataframe(headers=list(tables.RUN_COLUMNS), interactive=False,
                                label="Your runs (kept in this browser)", elem_id="runs-table")
     return QuantizePanel(*controls, run_md, category_df, results_plot, tradeoff_plot,
                          tradeoff_y, runs_df)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import gradio as gr
 
 from mopeq.app import state as st
-from mopeq.app import text, view
+from mopeq.app import tables, text, view
 from mopeq.app.api import deploy_badge, memory_text
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def alloc_outputs(ui: Page, state: st.SessionState, entry: st.ModelEntry,
     labels, u = entry.layout.moe_layers, unit(entry)
     bits = alloc.bitmap.bits
     note = memory_note(alloc, score, settings)
-    table = st.clusters_table(alloc, score)
+    table = tables.clusters_table(alloc, score)
     badge = deploy_badge(alloc.bitmap)
     breakdown = alloc.memory.breakdown
     fp, a, r = view.fingerprint, ui.allocation, ui.results
@@ -82,7 +82,7 @@ def previews(entry: st.ModelEntry, score, settings: st.AllocSettings, clusters) 
     for c in clusters:
         chosen = dataclasses.replace(settings, clusters=c)
         try:
-            alloc = st.allocation(entry, score, chosen, with_pareto=False)
+            alloc = st.allocate(entry, score, chosen, with_pareto=False)
         except ValueError:  # e.g. more clusters than experts: the server event says why
             continue
         out[str(c)] = memory_note(alloc, score, chosen)
@@ -102,9 +102,9 @@ def runs_outputs(ui: Page, state: st.SessionState, unit_: str, y: str,
     q = ui.quantize
     if not state.runs:
         return {q.tradeoff_plot: None, q.runs_df: None}
-    points = st.tradeoff_points(state.runs, bf16_gb)
+    points = tables.tradeoff_points(state.runs, bf16_gb)
     return {q.tradeoff_plot: plots.tradeoff_scatter(points, unit=unit_, y=y),
-            q.runs_df: view.readable_runs(st.runs_table(state.runs), unit_)}
+            q.runs_df: view.readable_runs(tables.runs_table(state.runs), unit_)}
 
 
 def heatmap_figure(entry: st.ModelEntry, score, bits, kind: str, projection: str, log: bool,

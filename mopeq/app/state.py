@@ -30,22 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mopeq.app.settings import AllocSettings, ScoreSpec
-from mopeq.app.tables import (  # noqa: F401  (the page reads them as ``st.<name>``)
-    CLUSTER_COLUMNS,
-    REPORT_COLUMNS,
-    RUN_COLUMNS,
-    category_table,
-    clusters_table,
-    layout_table,
-    report_summary,
-    report_table,
-    run_file_prefix,
-    run_group,
-    run_summary,
-    runs_table,
-    scores_frame,
-    tradeoff_points,
-)
+from mopeq.app.tables import run_file_prefix, scores_frame
 from mopeq.app.view import Drawn
 from mopeq.core import defaults as D
 from mopeq.core import methods
@@ -263,7 +248,7 @@ def layout_summary(entry: ModelEntry) -> dict:
             **info}
 
 
-def scores(entry: ModelEntry, spec: ScoreSpec | RunSpec,
+def profile(entry: ModelEntry, spec: ScoreSpec | RunSpec,
            on_progress: Progress = _noop) -> tuple[Scores, bool]:
     """Scores by ``spec`` and whether they were already known (memo or disk cache)."""
     run = spec.run_spec() if isinstance(spec, ScoreSpec) else spec
@@ -291,7 +276,7 @@ def errors(entry: ModelEntry, bits: tuple[int, ...], group_size: int):
     return hit
 
 
-def allocation(entry: ModelEntry, score: Scores, settings: AllocSettings,
+def allocate(entry: ModelEntry, score: Scores, settings: AllocSettings,
                with_pareto: bool = True, judge: Scores | None = None) -> Allocation:
     """Bits, memory estimate and (with errors) the Pareto frontier for ``settings``.
 
@@ -330,7 +315,7 @@ def quantize_evaluate(entry: ModelEntry, alloc: Allocation, settings: AllocSetti
                                                  on_progress=on_progress)
 
 
-def sensitivity_quality(entry: ModelEntry, config=None, on_progress: Progress = _noop):
+def report(entry: ModelEntry, config=None, on_progress: Progress = _noop):
     """The sensitivity report (every method against ``measured``) of the entry's model.
 
     Minutes on the embedded model (each method's scores come from the cache when known); one
@@ -340,7 +325,7 @@ def sensitivity_quality(entry: ModelEntry, config=None, on_progress: Progress = 
         return entry.workspace.report(config, on_progress)
 
 
-def export_files(entry: ModelEntry, score: Scores, bits, run: Run | None,
+def export(entry: ModelEntry, score: Scores, bits, run: Run | None,
                  out: Path) -> list[str]:
     """Write the downloads into the empty folder ``out``; returns their paths.
 

@@ -136,7 +136,8 @@ class RunSpec:
         """The allocation stage's ``AllocConfig`` (a budget target only for ``budget``)."""
         from mopeq.allocation.allocate import AllocConfig
 
-        budget = methods.ALLOC_BY_NAME[self.alloc_method].uses_target
+        info = methods.ALLOC_BY_NAME.get(self.alloc_method)  # None: AllocConfig says why
+        budget = info is not None and info.uses_target
         return _built(AllocConfig, method=self.alloc_method, clusters=self.clusters,
                       bits=self.bits, scope=self.scope, log_scores=self.log_scores,
                       target_bits=self.target_bits if budget and self.target_gb is None else None,
@@ -156,7 +157,8 @@ class RunSpec:
     @property
     def allocation_score_method(self) -> str:
         """The scores the allocation ranks by: ``frequency`` always uses routing counts."""
-        return methods.ALLOC_BY_NAME[self.alloc_method].score_method or self.score_method
+        info = methods.ALLOC_BY_NAME.get(self.alloc_method)
+        return (info and info.score_method) or self.score_method
 
     def for_allocation(self) -> RunSpec:
         """This spec with the scores the allocation ranks by."""
