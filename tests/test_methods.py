@@ -29,7 +29,8 @@ def test_allocation_methods_derive_from_their_table():
     from mopeq.allocation import allocate
 
     assert allocate.METHODS == methods.ALLOC_NAMES
-    assert methods.ALLOC_NAMES == ("kmeans", "budget", "uniform", "frequency", "random")
+    assert methods.ALLOC_NAMES == ("kmeans", "budget", "uniform", "frequency", "random",
+                                   "inverted")
     assert [m.name for m in methods.ALLOCATORS if m.uses_target] == ["budget"]
     assert _choices("allocate", "--method") == methods.ALLOC_NAMES
 

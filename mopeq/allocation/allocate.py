@@ -116,7 +116,7 @@ def allocate(scores, layout: MoELayout, config: AllocConfig | None = None,
     """
     config = config or AllocConfig()
     inputs = AllocInputs(scores_array(scores, layout), scores, errors, reference)
-    bitmap = methods.resolve(methods.ALLOC_BY_NAME[config.method].handler)(inputs, layout, config)
+    bitmap = methods.resolve(methods.allocator(config.method).handler)(inputs, layout, config)
     source = getattr(scores, "method", None)
     if isinstance(source, str):
         bitmap.meta["scores"] = source

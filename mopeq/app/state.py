@@ -283,7 +283,7 @@ def allocate(entry: ModelEntry, score: Scores, settings: AllocSettings,
     ``judge``: the sensitivities the predicted loss weighs errors by (default ``score``).
     """
     spec = settings.spec()
-    need_errors = with_pareto or methods.ALLOC_BY_NAME[spec.alloc_method].needs_errors
+    need_errors = with_pareto or methods.allocator(spec.alloc_method).needs_errors
     errs = errors(entry, spec.bits, spec.group_size) if need_errors else None
     return entry.workspace.allocate(spec, score, errors=errs, with_pareto=with_pareto,
                                     judge=judge)

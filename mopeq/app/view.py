@@ -45,7 +45,7 @@ def score_controls(method: str, closed_form: bool) -> dict[str, bool]:
 
 def alloc_controls(method: str) -> dict[str, bool]:
     """Visibility of the allocation controls for ``method``, from its row of the table."""
-    info = methods.ALLOC_BY_NAME[method]
+    info = methods.allocator(method)
     return {"clusters": info.uses_clusters, "scope": info.uses_scope,
             "log_scores": info.uses_clusters, "target_bits": info.uses_target,
             "uniform_bits": info.uses_uniform_bits, "seed": info.seeded,
@@ -60,7 +60,7 @@ def target_bounds(bits) -> tuple[float, float]:
 
 def budget_note(method: str, target: float, bits) -> str:
     """A loud note when a budget target lies outside what the bit set can reach ('' if not)."""
-    if not methods.ALLOC_BY_NAME[method].uses_target or not bits:
+    if not methods.allocator(method).uses_target or not bits:
         return ""
     lo, hi = target_bounds(bits)
     if target > hi + 1e-9:
@@ -71,7 +71,7 @@ def budget_note(method: str, target: float, bits) -> str:
 
 def judge_method(score_source: str, method: str) -> str:
     """The scores the predicted loss weighs errors by: a sensitivity, never routing counts."""
-    fixed = methods.ALLOC_BY_NAME[method].score_method
+    fixed = methods.allocator(method).score_method
     if "frequency" in (fixed, score_source):
         return D.SCORE_METHOD
     return score_source

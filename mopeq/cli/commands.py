@@ -227,7 +227,7 @@ def cmd_allocate(args) -> int:
                              f"{spec.allocation_score_method} scores or the weights")
         scores = ws.allocation_scores(spec, scores, on_progress=_progress(args))
     errors = None
-    if methods.ALLOC_BY_NAME[spec.alloc_method].needs_errors:
+    if methods.allocator(spec.alloc_method).needs_errors:
         if ws is None:
             raise MopeqError("budget allocation needs the weights (quantization errors)")
         errors = ws.errors(spec)

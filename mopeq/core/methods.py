@@ -153,3 +153,14 @@ ALLOCATORS: tuple[AllocatorInfo, ...] = (
 )
 ALLOC_BY_NAME: dict[str, AllocatorInfo] = {m.name: m for m in ALLOCATORS}
 ALLOC_NAMES: tuple[str, ...] = tuple(ALLOC_BY_NAME)
+
+
+def allocator(name: str) -> AllocatorInfo:
+    """The row of allocation method ``name``.
+
+    Raises:
+        MopeqError: for an unknown method (the message lists the known ones).
+    """
+    if name not in ALLOC_BY_NAME:
+        raise MopeqError(f"unknown allocation method {name!r}; choose one of {ALLOC_NAMES}")
+    return ALLOC_BY_NAME[name]

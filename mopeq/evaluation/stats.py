@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mopeq.core.errors import MopeqError
+
 N_BOOT = 2000  # resamples: the percentile bounds move by < 1 % of the width between seeds
 LEVEL = 0.95
 
@@ -151,7 +153,7 @@ def by_image(keys: Sequence[tuple], *per_question: Sequence) -> tuple[np.ndarray
         images.setdefault(tuple(keys[i][:2]), []).append(i)
     bad = [k for k, rows in images.items() if len(rows) != 2]
     if bad:
-        raise ValueError(f"{len(bad)} image(s) do not have exactly two questions, e.g. {bad[:3]}")
+        raise MopeqError(f"{len(bad)} image(s) do not have exactly two questions, e.g. {bad[:3]}")
     rows = np.array(list(images.values()), dtype=np.int64).reshape(-1, 2)
     strata = np.array([str(k[0]) for k in images])
     return strata, [np.asarray(v)[rows] for v in per_question]

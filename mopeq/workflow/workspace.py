@@ -43,11 +43,12 @@ def _noop(_f: float, _m: str) -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Report a stage's ``ValueError`` (bad input it names) as a ``MopeqError``.
+    """Report a ``ValueError`` of reading what the user gave (a model, a file) as a ``MopeqError``.
 
-    The stage modules raise ``ValueError`` for input they cannot take (a bit map of another
-    model, more clusters than experts, a model that is not an MoE); at this boundary it becomes
-    the one user error the CLI and the page catch. Other exceptions are bugs and pass through.
+    Only around loading a model (transformers says ``ValueError`` for an unknown or broken
+    checkpoint) and parsing a user's JSON files. The stages raise ``MopeqError`` themselves for
+    input they cannot take, so a ``ValueError`` inside a computation stays a bug with its
+    traceback.
     """
     try:
         yield
@@ -123,8 +124,7 @@ class Workspace:
         if layout is None:
             from mopeq.model.moe import discover
 
-            with user_errors():
-                layout = discover(loaded.model)
+            layout = discover(loaded.model)
         self.loaded, self.layout = loaded, layout
 
     @classmethod
@@ -149,20 +149,18 @@ class Workspace:
             calib = spec.calib_config()
             data = calibration_batches(self.loaded, n_batches=calib.n_batches,
                                        batch_size=calib.batch_size, seed=calib.seed)
-        with user_errors():
-            return profile(self.loaded.model, self.layout, spec.score_method,
-                           spec.profile_config(), data=data, on_progress=on_progress,
-                           fingerprint=self.loaded.fingerprint)
+        return profile(self.loaded.model, self.layout, spec.score_method,
+                       spec.profile_config(), data=data, on_progress=on_progress,
+                       fingerprint=self.loaded.fingerprint)
 
     def errors(self, spec: RunSpec | None = None) -> np.ndarray:
         """Per-expert round-to-nearest errors [L, E, len(bits)] (cached by fingerprint)."""
         spec = spec or RunSpec()
         from mopeq.allocation.qerror import quant_errors
 
-        with user_errors():
-            return quant_errors(self.loaded.model, self.layout, spec.bits,
-                                group_size=spec.group_size, sym=spec.sym,
-                                fingerprint=self.loaded.fingerprint)
+        return quant_errors(self.loaded.model, self.layout, spec.bits,
+                            group_size=spec.group_size, sym=spec.sym,
+                            fingerprint=self.loaded.fingerprint)
 
     def report(self, config=None, on_progress: Progress = None):
         """Every sensitivity method against ``measured`` (``sensitivity.report``)."""
@@ -199,8 +197,7 @@ class Workspace:
         """The memory estimate of ``bitmap`` with ``spec``'s storage settings."""
         from mopeq.core.memory import estimate
 
-        with user_errors():
-            return estimate(self.layout, bitmap, spec.memory_config())
+        return estimate(self.layout, bitmap, spec.memory_config())
 
     # -------------------------------------------------------------- quantize + eval
 
@@ -209,10 +206,9 @@ class Workspace:
         from mopeq.quantize.autoround import quantize
 
         calib = calibration_texts(self.loaded) if spec.mode == "tuned" else None
-        with user_errors():
-            return quantize(self.loaded.model, self.layout, bitmap, spec.quant_config(),
-                            tokenizer=self.loaded.processor, calib=calib,
-                            on_progress=on_progress)
+        return quantize(self.loaded.model, self.layout, bitmap, spec.quant_config(),
+                        tokenizer=self.loaded.processor, calib=calib,
+                        on_progress=on_progress)
 
     def evaluate(self, spec: RunSpec | None = None,
                  quant: QuantResult | None = None) -> EvalResult:
@@ -223,14 +219,12 @@ class Workspace:
         if quant is None:
             return self.baseline(spec)
         qloaded = dataclasses.replace(self.loaded, model=quant.model, fingerprint="quantized")
-        with user_errors():
-            return run_evaluation(qloaded, spec.dataset, pairs=spec.pairs, seed=spec.eval_seed)
+        return run_evaluation(qloaded, spec.dataset, pairs=spec.pairs, seed=spec.eval_seed)
 
     def baseline(self, spec: RunSpec | None = None) -> EvalResult:
         """The unquantized model's evaluation, cached on disk per (model, dataset, subset)."""
         spec = spec or RunSpec()
-        with user_errors():
-            return baseline_evaluation(self.loaded, spec.dataset, spec.pairs, spec.eval_seed)
+        return baseline_evaluation(self.loaded, spec.dataset, spec.pairs, spec.eval_seed)
 
     def quantize_evaluate(self, spec: RunSpec, alloc: Allocation, label: str | None = None,
                           scores: Scores | None = None, on_progress: Progress = None) -> Run:
@@ -256,11 +250,10 @@ class Workspace:
         from mopeq.quantize.export import export
 
         summary = None if score_method is None else {"method": score_method}
-        with user_errors():
-            return export(quant, self.layout, out, source=self.loaded.source,
-                          fingerprint=self.loaded.fingerprint, bitmap_json=bitmap.to_json(),
-                          scores_summary=summary, memory=memory.to_json(),
-                          processor=self.loaded.processor)
+        return export(quant, self.layout, out, source=self.loaded.source,
+                      fingerprint=self.loaded.fingerprint, bitmap_json=bitmap.to_json(),
+                      scores_summary=summary, memory=memory.to_json(),
+                      processor=self.loaded.processor)
 
     def export_run(self, run: Run, out: Path) -> Path:
         """``export`` of a run: its quantized model, bits, memory and the scores it used."""
@@ -284,11 +277,10 @@ def allocate(scores, layout: MoELayout, spec: RunSpec, *, errors: np.ndarray | N
     from mopeq.core.memory import estimate
 
     config, judge = spec.alloc_config(), scores if judge is None else judge
-    with user_errors():  # the allocator names what the scores or layout cannot take
-        bitmap = allocate_bits(scores, layout, config, errors=errors, reference=reference)
-        if spec.snap:
-            bitmap = snap_per_layer(bitmap, layout, spec.snap)
-        result = Allocation(bitmap, estimate(layout, bitmap, config.memory))
+    bitmap = allocate_bits(scores, layout, config, errors=errors, reference=reference)
+    if spec.snap:
+        bitmap = snap_per_layer(bitmap, layout, spec.snap)
+    result = Allocation(bitmap, estimate(layout, bitmap, config.memory))
     if with_pareto and (errors is not None or getattr(judge, "errors", None) is not None):
         result.pareto = pareto(judge, errors, layout, config.bits, config.memory)
         if set(np.unique(bitmap.bits)) <= set(config.bits):
