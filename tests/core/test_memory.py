@@ -10,10 +10,7 @@ import torch
 
 from mopeq.core.errors import MopeqError
 from mopeq.core.layout import (
-    ExpertInfo,
-    MoEBlock,
     MoELayout,
-    TensorInfo,
     bitmap_array,
     deployable_fused,
 )
@@ -28,33 +25,7 @@ from mopeq.core.memory import (
     storage_bits,
 )
 from mopeq.model.moe import discover
-from tests.helpers import tiny_lm
-
-EXTRA_TENSORS = (
-    TensorInfo("model.embed_tokens.weight", (256, 64), "embeddings", False),
-    TensorInfo("model.layers.0.self_attn.q_proj.weight", (64, 64), "attention", True),
-    TensorInfo("model.layers.0.self_attn.kv_b_proj.weight", (96, 16), "attention", True),
-    TensorInfo("model.layers.0.mlp.gate.weight", (4, 64), "router", True),
-    TensorInfo("model.layers.0.mlp.shared_experts.up_proj.weight", (64, 64), "shared_experts",
-               True),
-    TensorInfo("model.layers.0.input_layernorm.weight", (64,), "norm", False),
-    TensorInfo("visual.proj.weight", (64, 64), "vision", True),
-    TensorInfo("mtp.proj.weight", (64, 128), "other", True),
-    TensorInfo("lm_head.weight", (256, 64), "lm_head", True),
-)
-
-
-def synthetic_layout(layers: int = 2, experts: int = 4, hidden: int = 64, inter: int = 32,
-                     tensors: tuple[TensorInfo, ...] = EXTRA_TENSORS) -> MoELayout:
-    """A hand-built layout (no model): every expert [inter x hidden] gate/up, [hidden x inter]."""
-    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
-    blocks = tuple(MoEBlock(layer=r, path=f"model.layers.{r}.mlp",
-                            experts_path=f"model.layers.{r}.mlp.experts", router_path=None,
-                            shared_path=None, fused=True, transposed=False, num_experts=experts)
-                   for r in range(layers))
-    ex = tuple(ExpertInfo(r, e, {p: f"model.layers.{r}.mlp.experts.{e}.{p}_proj" for p in shapes},
-                          dict(shapes)) for r in range(layers) for e in range(experts))
-    return MoELayout("synthetic", blocks, ex, tensors, top_k=2)
+from tests.helpers import synthetic_layout, tiny_lm
 
 
 def reference_bits(layout: MoELayout, bits: np.ndarray, cfg: MemoryConfig) -> int:
@@ -239,7 +210,7 @@ def test_numeric_core_imports_no_torch():
             "mopeq.allocation.allocate; print(sorted(m for m in sys.modules "
             "if m == 'torch' or m.startswith('torch.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parent.parent)
+                         check=True, cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]", out.stdout
 
 

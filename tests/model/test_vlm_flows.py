@@ -16,7 +16,7 @@ import torch
 
 from mopeq.cli import main
 from mopeq.core import methods
-from tests import molmoe_fixture
+from tests.helpers import molmoe as molmoe_fixture
 
 # image tokens and the chat template of each family (as their hub tokenizers spell them)
 FAMILIES = {

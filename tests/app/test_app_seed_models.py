@@ -8,32 +8,10 @@ folder (config + safetensors + tokenizer/processor files, no code, no remote cod
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
-from tests import molmoe_fixture
-from tests.dsvl2_helpers import write_checkpoint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def client():
-    from gradio_client import Client
-
-    import app
-
-    demo = app.build_demo()
-    demo.queue()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1",
-                            server_port=_free_port(), quiet=True)
-    yield Client(url, verbose=False)
-    demo.close()
+from tests.helpers import molmoe as molmoe_fixture
+from tests.helpers.dsvl2 import write_checkpoint
 
 
 @pytest.fixture(scope="module")

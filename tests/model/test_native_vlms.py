@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mopeq.model.loading import ModelLoadError, image_processor_only, load_model
-from tests import molmoe_fixture
+from tests.helpers import molmoe as molmoe_fixture
 from tests.helpers import tiny_model
 
 QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]

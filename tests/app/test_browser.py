@@ -6,7 +6,7 @@ view, quantize + evaluate, export, and a second session that does not see the fi
 Screenshots go to ``test-artifacts/`` (git-ignored);
 ``MOPEQ_README_SCREENSHOT=assets/screenshot.png``
 also saves the first view (1400x1000) for the README. The app runs in this process, on the
-embedded model or its stand-in (see ``tests/test_app.py``).
+embedded model or its stand-in (see ``tests/app/test_app.py``).
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app import app_url, embedded_model, standin_dir  # noqa: F401 - fixtures
-
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path(os.environ.get("MOPEQ_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 TIMEOUT_MS = 180_000  # generous for a cold start on a busy machine, but bounded
 LATENCY_GOAL_MS = 150.0  # median slider move -> memory text, on a quiet machine
 
@@ -96,7 +94,7 @@ def _first_view(page) -> str:
     return _text(page, MEMORY)
 
 
-def test_the_page_flow(browser, app_url):  # noqa: F811 - the fixture
+def test_the_page_flow(browser, app_url):
     page = _open(browser, app_url)
     memory = _first_view(page)
     assert "smaller than bf16" in memory
@@ -197,7 +195,7 @@ ARM = """() => { const root = document.querySelector('#memory-text');
   return performance.now(); }"""
 
 
-def test_the_page_shows_what_applies_and_says_what_it_does(browser, app_url):  # noqa: F811
+def test_the_page_shows_what_applies_and_says_what_it_does(browser, app_url):
     page = _open(browser, app_url)
     memory = _first_view(page)
     assert _text(page, "#layout-text").strip().startswith("Active model: embedded")
@@ -253,7 +251,7 @@ def test_the_page_shows_what_applies_and_says_what_it_does(browser, app_url):  #
     _shot(page, "07-controls-that-apply")
 
 
-def test_a_failed_load_keeps_the_active_model(browser, app_url):  # noqa: F811
+def test_a_failed_load_keeps_the_active_model(browser, app_url):
     page = _open(browser, app_url)
     _first_view(page)
     source = page.locator("#source textarea, #source input").first
@@ -276,7 +274,7 @@ def test_a_failed_load_keeps_the_active_model(browser, app_url):  # noqa: F811
     _wait_change(page, MEMORY, memory)
 
 
-def test_live_controls_redraw_only_what_changed(browser, app_url):  # noqa: F811
+def test_live_controls_redraw_only_what_changed(browser, app_url):
     page = _open(browser, app_url)
     _first_view(page)
     time.sleep(1.0)  # let the first view settle (late chained events)
@@ -292,7 +290,7 @@ def test_live_controls_redraw_only_what_changed(browser, app_url):  # noqa: F811
     _choose(page, "base-bits", "4")
 
 
-def test_slider_latency_meets_the_goal(browser, app_url):  # noqa: F811
+def test_slider_latency_meets_the_goal(browser, app_url):
     """A clusters move shows its memory text within the goal (the page's own clock).
 
     The text comes from the server's preview of every clusters value, so it needs no round
@@ -326,7 +324,7 @@ def _pairs(page, n: int) -> None:
     box.press("Enter")
 
 
-def test_queued_runs_say_why_and_runs_survive_a_reload(browser, app_url):  # noqa: F811
+def test_queued_runs_say_why_and_runs_survive_a_reload(browser, app_url):
     first = _open(browser, app_url)
     second = _open(browser, app_url)
     for page in (first, second):

@@ -15,7 +15,7 @@ import torch
 
 from mopeq.cli import main
 from mopeq.model.loading import load_model
-from tests.dsvl2_helpers import write_checkpoint
+from tests.helpers.dsvl2 import write_checkpoint
 
 METHODS = ("frobenius", "hessian", "fisher", "frequency")
 

@@ -14,7 +14,7 @@ from mopeq.model.archs.deepseek_vl2.processing import image_token_count, select_
 from mopeq.model.archs.deepseek_vl2.vision import Projector
 from mopeq.model.loading import load_model
 from mopeq.model.moe import discover
-from tests.dsvl2_helpers import hub_config, new_model, write_checkpoint
+from tests.helpers.dsvl2 import hub_config, new_model, write_checkpoint
 
 STRUCTURES = ("tiny", "small", "base")
 # Names and shapes the authors' code gives these cut-down configs (modeling_deepseek_vl_v2.py,

@@ -1,10 +1,13 @@
-"""Tiny random-weight MoE models built from configs (2 layers, 8 experts, hidden 64), offline."""
+"""Shared test builders: tiny random-weight MoE models from configs (2 layers, 8 experts,
+hidden 64), hand-built layouts, and (submodules) MolmoE / DeepSeek-VL2 hub-layout checkpoints."""
 
 from __future__ import annotations
 
 import torch
 import transformers as T
 from torch import nn
+
+from mopeq.core.layout import ExpertInfo, MoEBlock, MoELayout, TensorInfo
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=4, vocab_size=128, max_position_embeddings=64,
@@ -120,3 +123,32 @@ def tiny_model(name: str, seed: int = 0) -> nn.Module:
     cls, config = ALL_CONFIGS[name]()
     torch.manual_seed(seed)
     return cls(config).eval()
+
+
+# ----------------------------------------------------------- hand-built layouts (no model)
+
+EXTRA_TENSORS = (
+    TensorInfo("model.embed_tokens.weight", (256, 64), "embeddings", False),
+    TensorInfo("model.layers.0.self_attn.q_proj.weight", (64, 64), "attention", True),
+    TensorInfo("model.layers.0.self_attn.kv_b_proj.weight", (96, 16), "attention", True),
+    TensorInfo("model.layers.0.mlp.gate.weight", (4, 64), "router", True),
+    TensorInfo("model.layers.0.mlp.shared_experts.up_proj.weight", (64, 64), "shared_experts",
+               True),
+    TensorInfo("model.layers.0.input_layernorm.weight", (64,), "norm", False),
+    TensorInfo("visual.proj.weight", (64, 64), "vision", True),
+    TensorInfo("mtp.proj.weight", (64, 128), "other", True),
+    TensorInfo("lm_head.weight", (256, 64), "lm_head", True),
+)
+
+
+def synthetic_layout(layers: int = 2, experts: int = 4, hidden: int = 64, inter: int = 32,
+                     tensors: tuple[TensorInfo, ...] = EXTRA_TENSORS) -> MoELayout:
+    """A hand-built layout (no model): every expert [inter x hidden] gate/up, [hidden x inter]."""
+    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    blocks = tuple(MoEBlock(layer=r, path=f"model.layers.{r}.mlp",
+                            experts_path=f"model.layers.{r}.mlp.experts", router_path=None,
+                            shared_path=None, fused=True, transposed=False, num_experts=experts)
+                   for r in range(layers))
+    ex = tuple(ExpertInfo(r, e, {p: f"model.layers.{r}.mlp.experts.{e}.{p}_proj" for p in shapes},
+                          dict(shapes)) for r in range(layers) for e in range(experts))
+    return MoELayout("synthetic", blocks, ex, tensors, top_k=2)

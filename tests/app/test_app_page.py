@@ -2,7 +2,7 @@
 
 No server, no browser: the handlers get the widget values their parameters name, as gradio
 passes them (the page's defaults unless a test changes one), and the tests read the updates
-they return. ``tests/test_browser.py`` checks the same in Chromium.
+they return. ``tests/app/test_browser.py`` checks the same in Chromium.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import pytest
 from mopeq.app import controls, view
 from mopeq.app import state as st
 from mopeq.app.api import profile_text, run_text
-from tests.test_app import embedded_model, standin_dir  # noqa: F401 - fixtures
 
 SKIP = gr.skip()
 
@@ -28,7 +27,7 @@ def _quiet(*_a, **_k):
 
 
 @pytest.fixture(scope="module")
-def page(embedded_model):  # noqa: F811 - the fixture
+def page(embedded_model):
     """Handlers on a fresh session with the page's default values, after the first load."""
     from mopeq.app.handlers import Handlers
     from mopeq.app.layout import build_layout

@@ -10,7 +10,7 @@ from mopeq.model.archs.molmoe import MolmoeForConditionalGeneration
 from mopeq.model.archs.molmoe_processing import CropSettings, image_inputs, select_tiling
 from mopeq.model.loading import load_model
 from mopeq.model.moe import discover
-from tests import molmoe_fixture
+from tests.helpers import molmoe as molmoe_fixture
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ from mopeq.allocation.knapsack import solve_mckp
 from mopeq.allocation.qerror import quant_errors, rtn
 from mopeq.core.memory import MemoryConfig, estimate
 from mopeq.model.moe import discover
-from tests.helpers import list_moe_from_fused, tiny_lm
-from tests.test_memory import synthetic_layout
+from tests.helpers import list_moe_from_fused, synthetic_layout, tiny_lm
 
 MEM = MemoryConfig(group_size=32)
 
