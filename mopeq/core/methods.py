@@ -80,15 +80,16 @@ ERROR_METHODS: tuple[str, ...] = tuple(m.name for m in TABLE if m.provides_error
 STOCHASTIC: tuple[str, ...] = tuple(m.name for m in TABLE if m.stochastic)  # read the seed
 
 
-def info(name: str) -> MethodInfo:
-    """The row of ``name``.
+def _row(rows: dict, name: str, kind: str):
+    """``rows[name]``, or a ``MopeqError`` that lists the known names."""
+    if name not in rows:
+        raise MopeqError(f"unknown {kind} {name!r}; choose one of {tuple(rows)}")
+    return rows[name]
 
-    Raises:
-        MopeqError: for an unknown method (the message lists the known ones).
-    """
-    if name not in BY_NAME:
-        raise MopeqError(f"unknown method {name!r}; choose one of {NAMES}")
-    return BY_NAME[name]
+
+def info(name: str) -> MethodInfo:
+    """The row of sensitivity method ``name`` (``MopeqError`` for an unknown one)."""
+    return _row(BY_NAME, name, "method")
 
 
 def resolve(ref: str):
@@ -156,11 +157,5 @@ ALLOC_NAMES: tuple[str, ...] = tuple(ALLOC_BY_NAME)
 
 
 def allocator(name: str) -> AllocatorInfo:
-    """The row of allocation method ``name``.
-
-    Raises:
-        MopeqError: for an unknown method (the message lists the known ones).
-    """
-    if name not in ALLOC_BY_NAME:
-        raise MopeqError(f"unknown allocation method {name!r}; choose one of {ALLOC_NAMES}")
-    return ALLOC_BY_NAME[name]
+    """The row of allocation method ``name`` (``MopeqError`` for an unknown one)."""
+    return _row(ALLOC_BY_NAME, name, "allocation method")
