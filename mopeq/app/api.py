@@ -8,6 +8,7 @@ library objects into the short Markdown the page shows. No gradio, no torch at i
 from mopeq.app import state as st
 from mopeq.app import tables, view
 from mopeq.core import defaults as D
+from mopeq.core import methods
 
 # ------------------------------------------------------------------------ text helpers
 
@@ -65,7 +66,7 @@ def profile_text(score, cached: bool) -> str:
     detail = ("exact closed form" if how.get("closed_form") else
               f"{meta['probes']} probes" if meta.get("probes") else
               f"{how['probes']} probes" if "probes" in how else
-              view.METHOD_DETAIL.get(score.method, ""))
+              (methods.BY_NAME[score.method].label if score.method in methods.BY_NAME else ""))
     badge = ("⚡ **from cache** — served at once" if cached else
              f"computed in {meta['elapsed_s']:.2f} s")
     cover = (f" · token coverage {meta['coverage']:.0%}" if meta.get("coverage") is not None

@@ -18,10 +18,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 UNITS = {"MB": 1e6, "GB": 1e9}  # decimal, like mopeq.core.memory (plots.UNITS: plotly stays lazy)
-PROBED = ("frobenius", "hessian")  # Hutchinson probes; fisher and frequency are exact sums
-METHOD_DETAIL = {"fisher": "squared gradients on calibration data",
-                 "frequency": "routing counts on calibration data",
-                 "hessian": "Hutchinson probes on calibration data"}
 
 
 def unit_for(n_bytes: float) -> str:
@@ -39,8 +35,9 @@ def size_text(n_bytes: float, unit: str) -> str:
 
 def score_controls(method: str, closed_form: bool) -> dict[str, bool]:
     """Visibility of the sensitivity controls: probes only where a method samples."""
-    exact = method == "frobenius" and bool(closed_form)
-    return {"probes": method in PROBED and not exact, "closed_form": method == "frobenius"}
+    has_closed_form = methods.info(method).closed_form
+    exact = has_closed_form and bool(closed_form)
+    return {"probes": method in methods.PROBED and not exact, "closed_form": has_closed_form}
 
 
 def alloc_controls(method: str) -> dict[str, bool]:

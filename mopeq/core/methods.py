@@ -32,6 +32,7 @@ class MethodInfo:
             ``score x RTN weight error``.
         needs_grad: it back-propagates to the expert weights (fails on models whose expert
             path runs under ``torch.no_grad``).
+        closed_form: it also has an exact closed form (``ProfileConfig.closed_form``).
         estimator: ``"module:function"`` of its estimator, called as
             ``(model, layout, config, data, progress)`` (``sensitivity.estimators``).
     """
@@ -44,19 +45,20 @@ class MethodInfo:
     uses_clusters: bool = True
     provides_errors: bool = False
     needs_grad: bool = False
+    closed_form: bool = False
     estimator: str = ""
 
 
 _EST = "mopeq.sensitivity.estimators:"
 TABLE: tuple[MethodInfo, ...] = (
     MethodInfo("frobenius", "paper's data-free baseline: Hutchinson trace of ||W||_F (MoPEQ)",
-               needs_data=False, stochastic=True, default_probes=100,
+               needs_data=False, stochastic=True, default_probes=100, closed_form=True,
                estimator=_EST + "_frobenius"),
     MethodInfo("hessian", "Hutchinson trace of the calibration-loss Hessian", needs_data=True,
                stochastic=True, default_probes=64, needs_grad=True, estimator=_EST + "_hessian"),
     MethodInfo("fisher", "empirical Fisher trace of the calibration loss", needs_data=True,
                needs_grad=True, estimator=_EST + "_fisher"),
-    MethodInfo("frequency", "routing frequency on calibration data", needs_data=True,
+    MethodInfo("frequency", "routing counts on calibration data", needs_data=True,
                estimator=_EST + "_frequency"),
     MethodInfo("block_error", "MoE block output error of each RTN-quantized expert (one pass)",
                needs_data=True, uses_clusters=False, provides_errors=True,
@@ -77,6 +79,7 @@ NAMES: tuple[str, ...] = tuple(BY_NAME)
 DATA_METHODS: tuple[str, ...] = tuple(m.name for m in TABLE if m.needs_data)
 DEFAULT_PROBES: dict[str, int] = {m.name: m.default_probes for m in TABLE if m.default_probes}
 ERROR_METHODS: tuple[str, ...] = tuple(m.name for m in TABLE if m.provides_errors)
+PROBED: tuple[str, ...] = tuple(DEFAULT_PROBES)  # Hutchinson probes (a probes control)
 STOCHASTIC: tuple[str, ...] = tuple(m.name for m in TABLE if m.stochastic)  # read the seed
 
 

@@ -97,7 +97,7 @@ def test_status_lines_name_the_method_and_a_cache_hit():
     fisher = SimpleNamespace(method="fisher", meta={
         "settings": {"normalize_per_layer": False, "loss": "ce"}, "elapsed_s": 51.73})
     text = profile_text(fisher, cached=False)
-    assert "routing counts" not in text and "squared gradients" in text
+    assert "routing counts" not in text and "empirical Fisher trace" in text  # its table label
     hit = profile_text(fisher, cached=True)
     assert "from cache" in hit and "51.73" not in hit
     freq = SimpleNamespace(method="frequency", meta={"settings": {}, "elapsed_s": 1.0})
