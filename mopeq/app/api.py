@@ -148,7 +148,7 @@ class Api:
                  bits: list[int] | None = None, scope: str = D.SCOPE, log_scores: bool = False,
                  target_bits: float = D.TARGET_BITS, uniform_bits: int = D.UNIFORM_BITS,
                  group_size: int = D.GROUP_SIZE, base_bits: int = D.BASE_BITS,
-                 snap: str = "none", probes: int = 0, closed_form: bool = D.PAGE_CLOSED_FORM,
+                 snap: str = D.NO_SNAP, probes: int = 0, closed_form: bool = D.PAGE_CLOSED_FORM,
                  trust_remote_code: bool = False, target_gb: float | None = None,
                  seed: int = D.SEED) -> dict:
         """Bits per expert and the memory estimate (bits, avg_bits, deployable_fused, memory).
@@ -193,7 +193,7 @@ class Api:
                           bits: list[int] | None = None, scope: str = D.SCOPE,
                           log_scores: bool = False, target_bits: float = D.TARGET_BITS,
                           uniform_bits: int = D.UNIFORM_BITS, group_size: int = D.GROUP_SIZE,
-                          base_bits: int = D.BASE_BITS, snap: str = "none",
+                          base_bits: int = D.BASE_BITS, snap: str = D.NO_SNAP,
                           mode: str = D.QUANT_MODE, pairs: int = D.QUICK_PAIRS, probes: int = 0,
                           closed_form: bool = D.PAGE_CLOSED_FORM,
                           trust_remote_code: bool = False, seed: int = D.SEED,

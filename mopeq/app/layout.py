@@ -21,7 +21,7 @@ from mopeq.core import defaults, methods
 BIT_CHOICES = [2, 3, 4, 8]
 BASE_BIT_CHOICES = [2, 3, 4, 8, 16]  # 16: left in bf16
 GROUP_SIZES = [32, 64, 128]
-SNAPS = ["none", *SNAP_RULES]  # one width per layer for fused-MoE engines ("none": off)
+SNAPS = [defaults.NO_SNAP, *SNAP_RULES]  # one width per layer for fused-MoE engines
 CLUSTER_RANGE = (1, 8)
 PROBE_RANGE = (2, 256)
 PAIR_RANGE = (10, 200, 10)  # min, max, step of the MME image pairs

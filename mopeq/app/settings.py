@@ -52,20 +52,20 @@ class AllocSettings:
     uniform_bits: int = D.UNIFORM_BITS
     group_size: int = D.GROUP_SIZE
     base_bits: int = D.BASE_BITS
-    snap: str = "none"  # none | mean | max | min
+    snap: str = D.NO_SNAP  # none | mean | max | min
     seed: int = D.SEED
     target_gb: float | None = None  # budget: a size in GB instead of ``target_bits``
 
     @staticmethod
     def of(method=D.ALLOC_METHOD, clusters=D.CLUSTERS, bits=D.BITS, scope=D.SCOPE,
            log_scores=False, target_bits=D.TARGET_BITS, uniform_bits=D.UNIFORM_BITS,
-           group_size=D.GROUP_SIZE, base_bits=D.BASE_BITS, snap="none", seed=D.SEED,
+           group_size=D.GROUP_SIZE, base_bits=D.BASE_BITS, snap=D.NO_SNAP, seed=D.SEED,
            target_gb=None) -> AllocSettings:
         """Build from widget values (floats from sliders, strings from dropdowns, None)."""
         bits = D.BITS if bits is None else bits  # None: the default; [] is an error
         return AllocSettings(str(method), int(clusters), tuple(int(b) for b in bits), str(scope),
                              bool(log_scores), float(target_bits), int(uniform_bits),
-                             int(group_size), int(base_bits), str(snap or "none"), int(seed),
+                             int(group_size), int(base_bits), str(snap or D.NO_SNAP), int(seed),
                              None if target_gb in (None, 0) else float(target_gb))
 
     def spec(self, **more) -> RunSpec:

@@ -12,6 +12,7 @@ SYM = True  # symmetric quantization
 BASE_BITS = 4  # attention, dense MLP, shared experts
 UNIFORM_BITS = 4  # width of the ``uniform`` baseline
 SCOPE = "model"  # one clustering over all experts ("layer": one per MoE layer)
+NO_SNAP = "none"  # snap per layer off (the page's and the API's word for it)
 ALLOC_METHOD = "kmeans"
 SCORE_METHOD = "frobenius"  # the paper's score
 TARGET_BITS = 3.0  # the budget allocator's default target (average expert bits)

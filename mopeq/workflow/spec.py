@@ -100,7 +100,7 @@ class RunSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "bits", _bit_set(self.bits))
-        if self.snap in ("", "none"):
+        if self.snap in ("", D.NO_SNAP):
             object.__setattr__(self, "snap", None)
         problems = _problems(self)
         if problems:

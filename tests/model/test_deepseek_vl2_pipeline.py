@@ -14,10 +14,9 @@ import pytest
 import torch
 
 from mopeq.cli import main
+from mopeq.core import methods
 from mopeq.model.loading import load_model
 from tests.helpers.dsvl2 import write_checkpoint
-
-METHODS = ("frobenius", "hessian", "fisher", "frequency")
 
 
 def cli_json(capsys, *args):
@@ -35,12 +34,13 @@ def test_every_stage_on_a_hub_layout_folder(tmp_path, capsys, structure):
     assert (info["model_type"], info["num_experts"], info["top_k"]) == ("deepseek_vl_v2",
                                                                          experts, 6)
     assert info["params"]["vision"] > 0
-    for method in METHODS:
+    for method in methods.NAMES:  # every sensitivity method
         scores = cli_json(capsys, "profile", "--model", folder, "--method", method,
-                          "--probes", "4", "--out", str(tmp_path / f"{method}.json"))
+                          "--probes", "4", "--group-size", "32",
+                          "--out", str(tmp_path / f"{method}.json"))
         grid = np.array(scores["scores"], dtype=float)
         assert grid.shape == (1, experts) and np.isfinite(grid).all(), method
-        if method in ("hessian", "fisher", "frequency"):
+        if methods.BY_NAME[method].needs_data:
             assert "vlm:" in scores["meta"]["data"] and scores["meta"]["coverage"] > 0
     assert np.abs(np.array(json.loads((tmp_path / "fisher.json").read_text())["trace_raw"],
                            dtype=float)).max() > 0  # the gradient reached the experts

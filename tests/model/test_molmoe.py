@@ -131,15 +131,16 @@ def test_unsupported_variant_is_refused_by_name(tmp_path):
 
 def test_every_stage_through_the_cli(folder, tmp_path, capsys):
     from mopeq.cli import main
+    from mopeq.core import methods
 
     model = str(folder)
     assert main(["inspect", "--model", model, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["model_type"] == "molmo" and info["num_experts"] == 8
-    for method in ("frobenius", "hessian", "fisher", "frequency"):
+    for method in methods.NAMES:  # every sensitivity method
         out = tmp_path / f"{method}.json"
         assert main(["profile", "--model", model, "--method", method, "--probes", "4",
-                     "--out", str(out), "--json"]) == 0
+                     "--group-size", "32", "--out", str(out), "--json"]) == 0
         scores = np.array(json.loads(out.read_text())["scores"], dtype=float)
         assert scores.shape == (2, 8) and np.isfinite(scores).all() and (scores != 0).any()
     capsys.readouterr()
