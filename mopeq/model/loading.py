@@ -13,6 +13,7 @@ import hashlib
 import inspect
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,8 +153,13 @@ def conversion_mappings_kept():
                     user.discard(key)
 
 
+# one load at a time: the conversion registry a load may rewrite is process-wide, so a second
+# load in another thread (two users of the app) must not run while the first has it rewritten
+_LOADING = threading.RLock()
+
+
 def _load_dir(path: Path, source: str, trust_remote_code: bool, dtype) -> LoadedModel:
-    with conversion_mappings_kept():
+    with _LOADING, conversion_mappings_kept():
         return _load_dir_unguarded(path, source, trust_remote_code, dtype)
 
 

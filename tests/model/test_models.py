@@ -69,3 +69,29 @@ def test_tiny_vlm_round_trips_through_a_folder(tmp_path):
     for p in model.parameters():  # the folder holds the 16-bit (bf16) weights
         p.data = p.data.to(torch.bfloat16).float()
     torch.testing.assert_close(loaded.model(**batch).logits, model(**batch).logits)
+
+
+def test_loads_in_two_threads_run_one_after_the_other(monkeypatch, tmp_path):
+    """A load may rewrite transformers' process-wide conversion registry: never two at once."""
+    import threading
+    import time
+
+    from mopeq.model import loading
+
+    inside, overlaps = [], []
+
+    def slow_load(*_args):
+        if inside:
+            overlaps.append(1)
+        inside.append(1)
+        time.sleep(0.2)
+        inside.pop()
+
+    monkeypatch.setattr(loading, "_load_dir_unguarded", slow_load)
+    threads = [threading.Thread(target=loading._load_dir, args=(tmp_path, "x", False, None))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == []
