@@ -3,7 +3,9 @@
 Layout (LLaVA style): a small CNN sees a 64x64 image as a 4x4 grid of 16 tokens, an MLP
 projector maps them into the width of a transformers MoE language model, and the model answers
 with one word. The shipped weights use ``OlmoeForCausalLM`` (MolmoE's language model: 4 layers,
-8 routed experts, top-2, every MLP routed). DeepSeek-VL2's layout (``DeepseekV2ForCausalLM``:
+16 routed experts each, top-2, every MLP routed), with outlier channels at the experts' inputs
+(``embedded.outliers``, applied after training: an exact rescale that makes round-to-nearest
+hurt it as it hurts a real LLM). DeepSeek-VL2's layout (``DeepseekV2ForCausalLM``:
 a dense first layer and a shared expert beside the routed ones) is available as
 ``language_model="deepseek_v2"``, but when trained on this data its dense layer, shared
 experts and attention did the work: zeroing every routed expert cost under 20 of 1000 points,
@@ -52,7 +54,7 @@ class TinyVLMConfig(PretrainedConfig):
 
     def __init__(self, text_config=None, image_size=64, grid=4, vision_width=64,
                  image_token_id=4, num_cell_classes=(4, 6), num_words=9,
-                 repeat_question=False, **kwargs):
+                 repeat_question=False, channel_gains=None, **kwargs):
         if isinstance(text_config, dict):
             text_config = dict(text_config)
             text_config = AutoConfig.for_model(text_config.pop("model_type", "deepseek_v2"),
@@ -65,6 +67,8 @@ class TinyVLMConfig(PretrainedConfig):
         self.num_cell_classes = list(num_cell_classes)  # (shape incl. none, colour incl. none)
         self.num_words = num_words  # word classes incl. "no word"
         self.repeat_question = repeat_question  # prompt: question, image, question again
+        # {"exponents": [[...] per layer], "seed": s} once embedded.outliers has been applied
+        self.channel_gains = channel_gains
         super().__init__(**kwargs)
 
     @property
@@ -241,6 +245,12 @@ DEFAULT_PHASES = (
 )
 
 
+# Each layer's experts see a quarter of their input channels at 1/4 (layers 1, 2, 3) or 1/8
+# (layer 0) of the others' scale, their weights 4x or 8x larger to match: chosen on the
+# validation split so that RTN loses what it loses on a real model (README, "The embedded model").
+CHANNEL_EXPONENTS = ((-3, 0, 0, 0), (-2, 0, 0, 0), (-2, 0, 0, 0), (-2, 0, 0, 0))
+
+
 @dataclass(frozen=True)
 class TinyRecipe:
     """Everything that determines the shipped weights (``train-tiny`` reproduces it)."""
@@ -260,6 +270,10 @@ class TinyRecipe:
     initializer_range: float = 0.08
     language_model: str = "olmoe"  # or "deepseek_v2"
     repeat_question: bool = True
+    # after training: outlier channels at the experts' inputs, an exact rescale
+    # (embedded.outliers; per-layer exponent sets, cycled; () for none)
+    channel_exponents: tuple[tuple[int, ...], ...] = CHANNEL_EXPONENTS
+    channel_seed: int = 0
 
     def scaled(self, total_steps: int) -> TinyRecipe:
         """The same recipe with every phase shortened in proportion (for quick runs)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mopeq.embedded import scenes, synthetic
+from mopeq.embedded import outliers, scenes, synthetic
 from mopeq.embedded.tiny import (
     VALIDATION_SEED,
     Phase,
@@ -142,7 +142,10 @@ def train(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), minutes: float
     ``minutes`` caps the wall time of a phase (the log then says it stopped early). The
     curve is measured on a *validation* split (``VALIDATION_SEED``), never on the held-out
     split the bar is measured on, so choosing a checkpoint by it does not peek at the test
-    data. ``checkpoint_every`` saves ``out_dir/checkpoints/step-N`` along the way.
+    data. ``checkpoint_every`` saves ``out_dir/checkpoints/step-N`` along the way. After the
+    last phase, ``recipe.channel_exponents`` gives the experts' inputs outlier channels
+    (``embedded.outliers``: an exact rescale, the 16-bit answers do not change); a model whose
+    config records it already is left as it is.
     """
     if init_from is not None:
         model, processor = load(init_from)
@@ -165,6 +168,10 @@ def train(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), minutes: float
         with torch.no_grad():  # what a checkpoint between phases would hold
             for p in model.parameters():
                 p.copy_(p.to(torch.bfloat16).float())
+    if outliers.apply_to(model, recipe.channel_exponents, recipe.channel_seed):
+        log["channel_gains"] = model.config.channel_gains
+        if on_progress:
+            on_progress(0, f"outlier channels at the experts' inputs: {log['channel_gains']}")
     save(model.eval(), processor, out_dir)
     Path(out_dir, "training_log.json").write_text(json.dumps(log, indent=1))
     return log
