@@ -63,7 +63,7 @@ def spread_channels(model: nn.Module, exponents: Sequence[Sequence[int]],
     layers = _moe_layers(model)
     hidden = layers[0].post_attention_layernorm.weight.numel()
     u = draw_exponents(len(layers), hidden, exponents, seed)
-    for layer, row in zip(layers, u):
+    for layer, row in zip(layers, u, strict=True):
         gain = (2.0 ** row).to(layer.post_attention_layernorm.weight.dtype)
         experts = layer.mlp.experts
         if experts.gate_up_proj.shape[-1] != hidden:

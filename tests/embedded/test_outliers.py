@@ -66,7 +66,7 @@ def test_applied_once_and_recorded_in_the_config():
     once = [p.clone() for p in model.parameters()]
     assert model.config.channel_gains == {"exponents": [[-2, 0]], "seed": 0}
     assert not outliers.apply_to(model, ((-2, 0),), seed=0)  # a resumed run: no second time
-    assert all(torch.equal(a, b) for a, b in zip(once, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(once, model.parameters(), strict=True))
     assert not outliers.apply_to(tiny.new_model(RECIPE)[0], (), seed=0)
 
 
