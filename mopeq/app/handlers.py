@@ -242,12 +242,14 @@ class Handlers:
         return {self.ui.export.files: files, self.ui.export.export_md: note}
 
     @readable_errors
-    def report(self, state, progress=TRACKED) -> dict:
-        """Rank every sensitivity method against ``measured`` (the sensitivity report)."""
+    def report(self, state, report_quick, progress=TRACKED) -> dict:
+        """Rank the sensitivity methods against ``measured`` (quick: ``report.QUICK``)."""
+        from mopeq.sensitivity.report import QUICK, ReportConfig
+
         entry = self._entry(state)
         flag = state.new_job("report")
-        report = st.report(entry, on_progress=st.cancellable(
-            flag, reporter(progress)))
+        report = st.report(entry, QUICK if report_quick else ReportConfig(),
+                           on_progress=st.cancellable(flag, reporter(progress)))
         return {self.ui.report.report_md: tables.report_summary(report),
                 self.ui.report.report_df: view.readable(tables.report_table(report), "{:.3g}")}
 

@@ -109,6 +109,7 @@ class AllocationResults:
 class ReportPanel:
     """The sensitivity report (every method against ``measured``)."""
 
+    report_quick: gr.Checkbox
     report_btn: gr.Button
     report_md: gr.Markdown
     report_df: gr.Dataframe
@@ -295,13 +296,15 @@ def allocation_results() -> AllocationResults:
 
 
 def report_panel() -> ReportPanel:
-    """The sensitivity report, folded away (it takes minutes)."""
+    """The sensitivity report, folded away (quick: about a minute; full: many)."""
     with gr.Accordion(text.REPORT_TITLE, open=False):
         gr.Markdown(text.REPORT_INTRO)
+        report_quick = gr.Checkbox(value=True, label="Quick report", elem_id="report-quick",
+                                   info=text.REPORT_QUICK)
         report_btn = gr.Button("Run the sensitivity report", elem_id="report-btn")
         report_md = gr.Markdown(elem_id="report-text")
         report_df = gr.Dataframe(interactive=False, elem_id="report-table")
-    return ReportPanel(report_btn, report_md, report_df)
+    return ReportPanel(report_quick, report_btn, report_md, report_df)
 
 
 def _quantize_controls() -> tuple:

@@ -41,6 +41,13 @@ def report_summary(report) -> str:
         text += (f" The paper's data-free `frobenius`: {paper['spearman']:.2f} "
                  f"[{paper['spearman_ci'][0]:.2f}, {paper['spearman_ci'][1]:.2f}]"
                  + (" — it ranks experts backwards." if paper["spearman_ci"][1] < 0 else "."))
+    cfg, meta = report.meta.get("config", {}), report.meta
+    if cfg:
+        pairs = cfg.get("pairs")
+        text += (f"\n\nOn {meta.get('experts')} experts, "
+                 f"{cfg['n_batches']} x {cfg['batch_size']} calibration samples, "
+                 + ("the whole held-out split" if pairs is None else f"{pairs} MME pairs")
+                 + f"; {len(report.rows)} methods.")
     return text
 
 

@@ -23,7 +23,13 @@ REPORT_TITLE = "Sensitivity quality: which score predicts quantization damage?"
 REPORT_INTRO = ("Every method against `measured` (each expert alone RTN-quantized, the "
                 "answer KL it causes): Spearman with a 95 % bootstrap interval, "
                 "reliability, wall time, and the answer KL of the budget allocation each "
-                "method drives. Takes minutes (cached methods come back at once).")
+                "method drives. The full report takes many minutes (cached methods come "
+                "back at once).")
+REPORT_QUICK = ("Under a minute on the embedded model: frobenius (closed form), fisher, "
+                "frequency and block_fisher against measured on 8 calibration samples, realised "
+                "on the quick MME subset; no held-out reference or split halves (wider "
+                "intervals). Off: every method, the full calibration set, the whole held-out "
+                "split (many minutes).")
 EXPORTED = "Recipe, scores, engine snippets and checkpoint, all of run **{label}**."
 SCORES_ONLY = "Scores only: quantize first to export the recipe, snippets and checkpoint."
 CANCELLED = "Cancelled."

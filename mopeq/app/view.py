@@ -9,6 +9,7 @@ re-sends only what changed.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import TYPE_CHECKING, Any
 
 from mopeq.core import defaults as D
@@ -134,12 +135,23 @@ def readable_runs(frame: pd.DataFrame, unit: str) -> pd.DataFrame:
 
 def readable(frame: pd.DataFrame, pattern: str = "{:.3g}",
              columns: dict[str, str] | None = None) -> pd.DataFrame:
-    """Floats as short strings (``columns`` overrides the pattern per column)."""
+    """Floats as short strings, intervals as ``[low, high]``, missing values as "–".
+
+    ``columns`` overrides the pattern per column.
+    """
     out = frame.copy()
     for col in out.columns:
         fmt = (columns or {}).get(col, pattern)
-        out[col] = [_fmt(v, fmt) if isinstance(v, float) else v for v in out[col]]
+        out[col] = [_readable_cell(v, fmt) for v in out[col]]
     return out
+
+
+def _readable_cell(value: Any, pattern: str) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, tuple | list) and all(isinstance(v, int | float) for v in value):
+        return "[" + ", ".join(pattern.format(v) for v in value) + "]"
+    return _fmt(value, pattern) if isinstance(value, float) else value
 
 
 # ------------------------------------------------------------------------ change tracking

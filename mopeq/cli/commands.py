@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -304,10 +305,14 @@ def cmd_study(args) -> int:
 
 def cmd_sensitivity_report(args) -> int:
     """Every sensitivity method against the measured ground truth (markdown + JSON)."""
-    from mopeq.sensitivity.report import ReportConfig, markdown, write_report
+    from mopeq.sensitivity.report import QUICK, ReportConfig, markdown, write_report
 
-    config = ReportConfig(methods=args.methods, targets=args.targets, group_size=args.group_size,
-                          n_batches=args.n_batches, batch_size=args.batch_size, pairs=args.pairs)
+    if args.quick:  # its methods, calibration size and subset; the targets and groups given
+        config = dataclasses.replace(QUICK, targets=args.targets, group_size=args.group_size)
+    else:
+        config = ReportConfig(methods=args.methods, targets=args.targets,
+                              group_size=args.group_size, n_batches=args.n_batches,
+                              batch_size=args.batch_size, pairs=args.pairs)
     report = _open(args).report(config, on_progress=_stderr_progress)
     out = write_report(report, args.out)
     print(markdown(report))

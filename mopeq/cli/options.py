@@ -180,4 +180,9 @@ def sensitivity_report_parser(sp) -> None:
     sp.add_argument("--n-batches", type=int, default=SPEC.calib_batches)
     sp.add_argument("--batch-size", type=int, default=SPEC.calib_batch_size)
     _eval_options(sp, seed=False, what="evaluation pairs")
+    sp.add_argument("--quick", action="store_true",
+                    help="the quick report (the app's): frobenius in closed form, fisher, "
+                         "frequency and block_fisher on 8 calibration samples and the quick "
+                         "MME subset, no held-out reference or split halves (replaces "
+                         "--methods, --n-batches, --batch-size, --pairs)")
     sp.add_argument("--out", default="sensitivity_report")

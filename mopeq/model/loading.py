@@ -291,16 +291,31 @@ def _auto_processor(path: Path, trust_remote_code: bool):
     from transformers import AutoProcessor, AutoTokenizer
 
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return _with_vocabulary(AutoProcessor.from_pretrained(
+            path, trust_remote_code=trust_remote_code))
     except Exception:  # noqa: BLE001 - e.g. a video processor that needs torchvision
         pass
     image_only = image_processor_only(path)
     if image_only is not None:
         return image_only
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return _with_vocabulary(AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code))
     except Exception:  # noqa: BLE001 - a model without a processor is still usable
         return None
+
+
+def _with_vocabulary(processor):
+    """``processor``, or None for an empty tokenizer.
+
+    transformers 5 builds one for a folder without tokenizer files; it encodes every text to
+    no ids at all, which would leave calibration without data.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if callable(tokenizer) and hasattr(tokenizer, "get_vocab"):
+        if not tokenizer("a b c", add_special_tokens=False)["input_ids"]:
+            return None
+    return processor
 
 
 def image_processor_only(path: Path):

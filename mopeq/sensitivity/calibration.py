@@ -190,12 +190,25 @@ def _text_data(model, tokenizer, n_batches, batch_size, seed, text_file, seq_len
     return CalibData(batches, desc)
 
 
+def _embedding_rows(model) -> int | None:
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # not a transformers model, or no embedding
+        return None
+    return getattr(emb, "num_embeddings", None)
+
+
 def _tokenize(text: str, tokenizer, model) -> tuple[torch.Tensor, str]:
     """Token ids of ``text``; without a tokenizer, UTF-8 bytes modulo the vocabulary size."""
     if tokenizer is not None:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         path = getattr(tokenizer, "name_or_path", "")
         name = f"{type(tokenizer).__name__}({path},{len(tokenizer)})"
+        rows = _embedding_rows(model)
+        if rows is not None and ids and max(ids) >= rows:
+            raise MopeqError(f"the tokenizer ({name}) yields token ids up to {max(ids)}, but "
+                             f"the model's input embedding has {rows} rows: the tokenizer "
+                             "does not belong to this model")
         return torch.tensor(ids, dtype=torch.long), name
     vocab = text_config(model.config).vocab_size
     return torch.tensor(list(text.encode()), dtype=torch.long) % vocab, f"bytes%{vocab}"

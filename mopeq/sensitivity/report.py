@@ -7,9 +7,11 @@ ground truth ``measured`` (answer KL with that expert alone RTN-quantized to the
 - ``spearman``: rank correlation with ``measured`` on the same calibration data, with a
   percentile bootstrap interval over experts (``n_boot`` resamples, seeded);
 - ``spearman_heldout``: the same against ``measured`` on held-out data (``heldout_seed``);
-  ``measured``'s own value there is the ceiling set by calibration-data noise;
+  ``measured``'s own value there is the ceiling set by calibration-data noise (None when
+  ``heldout_reference`` is off, as in the quick report ``QUICK``);
 - ``seed_reliability``: for stochastic methods, Spearman between probe seeds 0 and 1;
-- ``split_half``: for data methods, Spearman between runs on the two halves of the batches;
+- ``split_half``: for data methods, Spearman between runs on the two halves of the batches
+  (None when ``split_half`` is off);
 - ``wall_s``: the method's compute time (``Scores.meta["elapsed_s"]``, kept by the cache);
 - for each target (average bits of the routed experts): the budget allocation the method drives
   (its own errors when it has them, else score x RTN weight error), applied with the export's
@@ -58,11 +60,25 @@ class ReportConfig:
     n_boot: int = 1000
     boot_seed: int = 0
     use_cache: bool = True
+    closed_form: bool = False  # frobenius: the exact value instead of Hutchinson probes
+    heldout_reference: bool = True  # also ``measured`` on held-out data (spearman_heldout)
+    split_half: bool = True  # data methods again on each half of the batches
 
     def profile_config(self, seed: int = 0) -> ProfileConfig:
         """The sensitivity settings every method shares."""
         return ProfileConfig(seed=seed, bits=self.bits, group_size=self.group_size,
-                             sym=self.sym, use_cache=self.use_cache, max_cost_s=None)
+                             sym=self.sym, use_cache=self.use_cache, max_cost_s=None,
+                             closed_form=self.closed_form)
+
+
+# The quick report (the app's default, ``sensitivity-report --quick``): the paper's score in
+# closed form and the three fast data-aware scores against ``measured`` on 8 calibration
+# samples, realised on the quick MME subset, without the held-out reference and the split
+# halves; under a minute on the embedded model instead of ~25 (noisier: the intervals say how
+# much).
+QUICK = ReportConfig(methods=("frobenius", "fisher", "frequency", "block_fisher"), n_batches=1,
+                     batch_size=8, pairs=D.QUICK_PAIRS, n_boot=200, closed_form=True,
+                     heldout_reference=False, split_half=False)
 
 
 @dataclass
@@ -136,10 +152,10 @@ def _halves(data: CalibData) -> tuple[CalibData, CalibData]:
 def _reliability(loaded, layout, method, config, data, main: Scores) -> dict:
     info = method_table.info(method)
     out = {"seed_reliability": None, "split_half": None}
-    if info.stochastic:
+    if info.stochastic and not (info.closed_form and config.closed_form):  # exact: no seeds
         out["seed_reliability"] = spearman(main.scores, _run(loaded, layout, method, config,
                                                              data, seed=1).scores)
-    if info.needs_data and len(data.batches) >= 2:
+    if config.split_half and info.needs_data and len(data.batches) >= 2:
         a, b = (_run(loaded, layout, method, config, h) for h in _halves(data))
         out["split_half"] = spearman(a.scores, b.scores)
     return out
@@ -230,7 +246,8 @@ def sensitivity_report(loaded, config: ReportConfig = ReportConfig(),
     names = tuple(dict.fromkeys(("measured", *config.methods)))
     progress(0.0, "measured (the reference)")
     scores = {m: _run(loaded, layout, m, config, data) for m in names}
-    ref_heldout = _run(loaded, layout, "measured", config, heldout)
+    ref_heldout = (_run(loaded, layout, "measured", config, heldout)
+                   if config.heldout_reference else None)
     rtn = quant_errors(loaded.model, layout, config.bits, config.group_size, config.sym,
                        fingerprint=loaded.fingerprint)
     baseline = _baseline(loaded, heldout, layout, config)
@@ -254,7 +271,8 @@ def _row(loaded, layout, m, scores, ref_heldout, config, data, heldout, baseline
     lo, hi = bootstrap_spearman(s.scores, ref.scores, config.n_boot, config.boot_seed)
     return {"method": m, "label": method_table.info(m).label,
             "spearman": spearman(s.scores, ref.scores), "spearman_ci": (lo, hi),
-            "spearman_heldout": spearman(s.scores, ref_heldout.scores),
+            "spearman_heldout": (None if ref_heldout is None
+                                 else spearman(s.scores, ref_heldout.scores)),
             **_reliability(loaded, layout, m, config, data, s),
             "wall_s": s.meta.get("elapsed_s"),
             **_allocations(loaded, layout, s, config, heldout, baseline, rtn)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -358,3 +359,30 @@ def test_queued_runs_say_why_and_runs_survive_a_reload(browser, app_url):
     _wait_text(first, "#runs-table", "#1")
     first.wait_for_selector("#tradeoff-plot .js-plotly-plot")
     _shot(first, "10-runs-after-reload", full=True)
+
+
+def test_the_sensitivity_quality_panel_ranks_the_methods(browser, app_url):
+    """The quick report from the page: every row against ``measured``, with its interval."""
+    from mopeq.app import text
+    from mopeq.sensitivity.report import QUICK
+
+    page = _open(browser, app_url)
+    _first_view(page)
+    page.get_by_text(text.REPORT_TITLE).click()  # the accordion opens
+    _wait_shown(page, "#report-btn", True)
+    assert page.locator("#report-quick input").is_checked()  # quick by default
+    started = time.perf_counter()
+    page.locator("#report-btn").click()
+    summary = _wait_text(page, "#report-text", "Best ranking against")
+    seconds = time.perf_counter() - started
+    assert "Best ranking against measured" in summary and "95 % CI" in summary
+    assert f"{QUICK.pairs} MME pairs" in summary and "frobenius" in summary
+    table = _wait_text(page, "#report-table", "block_fisher")
+    for method in ("measured", *QUICK.methods):
+        assert method in table, table
+    intervals = re.findall(r"\[(-?[\d.]+), (-?[\d.]+)\]", table)  # spearman_ci, readable
+    assert len(intervals) >= len(QUICK.methods), table
+    assert all(-1.0 <= float(lo) <= float(hi) <= 1.0 for lo, hi in intervals), intervals
+    _shot(page, "11-sensitivity-report", full=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "report.json").write_text(json.dumps({"seconds": seconds}))

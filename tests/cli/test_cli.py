@@ -149,3 +149,29 @@ def test_bad_settings_are_user_errors_before_any_model_loads(capsys):
     assert code == 2 and "no such file" in capsys.readouterr().err
     code = cli.main(["profile", "--model", "/no/such/dir", "--probes", "-1"])
     assert code == 2 and "probes must be" in capsys.readouterr().err
+
+
+def test_quick_sensitivity_report(tmp_path):
+    """``sensitivity-report --quick`` runs the quick methods and says so in its files."""
+    from mopeq.sensitivity.report import QUICK
+
+    path = tmp_path / "olmoe"
+    tiny_model("olmoe").save_pretrained(path)  # no tokenizer: calibration on UTF-8 bytes
+    res = run("sensitivity-report", "--model", str(path), "--quick", "--group-size", "32",
+              "--out", str(tmp_path / "report"))
+    assert res.returncode == 0, res.stderr
+    data = json.loads((tmp_path / "report" / "sensitivity_report.json").read_text())
+    assert [r["method"] for r in data["rows"]] == ["measured", *QUICK.methods]
+    assert data["meta"]["config"]["n_batches"] == QUICK.n_batches
+    assert data["meta"]["config"]["heldout_reference"] is False
+    assert all(r["spearman_heldout"] is None for r in data["rows"])
+    assert res.stdout.startswith("| method | spearman |")
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_named(saved, tmp_path):
+    """The fixture's tokenizer has more ids than its model's embedding: one clear line."""
+    _, path = saved
+    res = run("profile", "--model", str(path), "--method", "frequency", "--out",
+              str(tmp_path / "s.csv"))
+    assert res.returncode == 2, res.stderr
+    assert "does not belong to this model" in res.stderr and "Traceback" not in res.stderr

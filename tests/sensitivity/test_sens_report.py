@@ -80,3 +80,29 @@ def test_report_files(report, tmp_path):
     assert md.count("\n") == len(report.rows) + 2
     data = json.loads((out / "sensitivity_report.json").read_text())
     assert data["reference"] == "measured" and set(data["scores"]) == {"measured", *METHODS}
+
+
+def test_the_quick_report_skips_what_it_says_and_keeps_the_ranking():
+    """``QUICK``'s switches: no held-out reference, no split halves, frobenius exact (so no
+    seed reliability for it); the same rows and correlations otherwise."""
+    import dataclasses
+
+    from mopeq.sensitivity.report import QUICK
+
+    model = tiny_lm("olmoe")
+    loaded = LoadedModel(model, None, "fp-quick-report-test", "test", "causal_lm")
+    config = dataclasses.replace(QUICK, n_batches=2, batch_size=2, group_size=32, n_boot=50,
+                                 use_cache=False, pairs=None)
+    quick = sensitivity_report(loaded, config)
+    assert [r["method"] for r in quick.rows] == ["measured", *QUICK.methods]
+    for row in quick.rows:
+        assert row["spearman_heldout"] is None and row["split_half"] is None
+        assert -1 <= row["spearman"] <= 1
+    rows = {r["method"]: r for r in quick.rows}
+    assert rows["frobenius"]["seed_reliability"] is None  # the closed form has no seed
+    assert rows["block_fisher"]["seed_reliability"] is not None
+    full = sensitivity_report(loaded, dataclasses.replace(config, heldout_reference=True,
+                                                          split_half=True))
+    same = {r["method"]: r["spearman"] for r in full.rows}
+    assert same == pytest.approx({m: r["spearman"] for m, r in rows.items()})
+    assert all(r["split_half"] is not None for r in full.rows if r["method"] != "frobenius")
