@@ -82,7 +82,9 @@ class Handlers:
     def _heatmap(self, state, entry, view_method, view_kind, projection, log_view, probes,
                  closed_form) -> dict:
         score = self._scores(state, entry, view_method, probes, closed_form)
-        bits = None if state.allocation is None else state.allocation.bitmap.bits
+        # only the "bits" view draws the allocation: a score view is not redrawn when it moves
+        bits = (state.allocation.bitmap.bits
+                if view_kind == "bits" and state.allocation is not None else None)
         key = (view_method, view_kind, projection, log_view, score.scores, bits)
 
         def routed():

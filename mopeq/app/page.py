@@ -70,12 +70,16 @@ def memory_note(alloc, score, settings) -> str:
 
 
 def previews(entry: st.ModelEntry, score, settings: st.AllocSettings, clusters) -> dict:
-    """``memory_note`` at every clusters value (``{}`` for methods without clusters).
+    """At every clusters value: its ``memory`` note and the ``bits`` map's restyle
+    (``{}`` for methods without clusters).
 
     The clusters slider shows the entry for its new value in the browser at once (no round
-    trip: ``wiring.PREVIEW_JS``); the server's own event then redraws the figures and writes the
-    same text. Each entry is the allocation the server would compute for that value.
+    trip: ``wiring.PREVIEW_JS`` writes the text and restyles the drawn bits map); the server's
+    own event then redraws the other figures and sends the same text and map. Each entry is the
+    allocation the server would compute for that value.
     """
+    from mopeq.app import figures as plots
+
     if not view.alloc_controls(settings.method)["clusters"]:
         return {}
     out = {}
@@ -85,7 +89,8 @@ def previews(entry: st.ModelEntry, score, settings: st.AllocSettings, clusters) 
             alloc = st.allocate(entry, score, chosen, with_pareto=False)
         except ValueError:  # e.g. more clusters than experts: the server event says why
             continue
-        out[str(c)] = memory_note(alloc, score, chosen)
+        out[str(c)] = {"memory": memory_note(alloc, score, chosen), "bits": plots.bits_restyle(
+            alloc.bitmap.bits, layer_labels=entry.layout.moe_layers, scores=score.scores)}
     return out
 
 

@@ -70,8 +70,15 @@ def _wire_sensitivity(ui: Page, h: Handlers, c: controls.Controls) -> None:
         _on(control.change, ui, h.view, s.heatmap, **private("view", "live", LIVE, **LATEST))
 
 
-# the clusters slider's memory text, shown in the browser at once from the server's preview
-PREVIEW_JS = "(c, preview, current) => (preview && preview[String(Math.round(c))]) || current"
+# A clusters move, in the browser at once from the server's preview (page.previews): the
+# memory text, and the drawn bits map restyled to the new value's map.
+PREVIEW_JS = """(c, preview, current) => {
+  const p = preview && preview[String(Math.round(c))];
+  if (!p) return current;
+  const gd = document.querySelector('#bits-plot .js-plotly-plot');
+  if (p.bits && gd && gd.data && window.Plotly) window.Plotly.restyle(gd, p.bits, [0]);
+  return p.memory;
+}"""
 
 
 def _wire_allocation(ui: Page, h: Handlers, c: controls.Controls) -> None:

@@ -214,8 +214,18 @@ def test_the_clusters_preview_is_what_the_server_then_writes(page):
     lo, hi = int(a.clusters.minimum), int(a.clusters.maximum)
     assert set(preview) == {str(c) for c in range(lo, hi + 1)}
     for c in (1, 2, 4):
-        assert allocate(clusters=c)[a.memory_md] == preview[str(c)]
-    assert len({preview[str(c)] for c in (1, 2, 3)}) == 3  # it moves with C
+        out = allocate(clusters=c)
+        assert out[a.memory_md] == preview[str(c)]["memory"]
+        trace = out[page.ui.results.bits_plot].data[0]  # the figure the server then draws
+        restyle = preview[str(c)]["bits"]
+        assert restyle["z"][0] == trace.z.tolist()
+        assert restyle["customdata"][0] == trace.customdata.tolist()
+        assert restyle["text"][0] == (None if trace.text is None else list(map(list, trace.text)))
+        assert restyle["colorscale"][0] == [list(x) for x in trace.colorscale]
+        assert restyle["zmax"][0] == trace.zmax
+        assert restyle["colorbar.ticktext"][0] == list(trace.colorbar.ticktext)
+    assert len({preview[str(c)]["memory"] for c in (1, 2, 3)}) == 3  # it moves with C
+    json.dumps(preview)  # it travels to the browser as JSON
     again = call(page, page.h.allocate, clusters=5)  # same settings but C: not sent again
     assert again[a.memory_preview] == SKIP
     assert allocate(alloc_method="budget")[a.memory_preview] == {}  # no clusters, no preview

@@ -179,6 +179,37 @@ def _discrete_scale(colours: list[str]) -> list[list]:
     return scale
 
 
+def _bits_parts(bits: np.ndarray, layer_labels, scores) -> tuple[dict, list[str]]:
+    """What a bits map's trace holds (z bands, cell text, hover, colours), and its rows."""
+    arr = _as_2d(bits, "bits")
+    if np.isnan(arr).any() or (arr <= 0).any() or (arr != np.round(arr)).any():
+        raise ValueError("bits must be positive integers")
+    arr = arr.astype(int)
+    layers = _layer_names(layer_labels, arr.shape[0])
+    scores = None if scores is None else _as_2d(scores, "scores", arr.shape)
+    widths = sorted(set(arr.ravel().tolist()))
+    parts = {"z": np.searchsorted(widths, arr), "labels": _cell_labels(arr, str),
+             "hover": _cell_hover(layers, arr.shape, values=scores, bits=arr),
+             "colorscale": _discrete_scale(_bit_palette(widths)), "zmax": len(widths) - 0.5,
+             "tickvals": list(range(len(widths))), "ticktext": [str(b) for b in widths]}
+    return parts, layers
+
+
+def bits_restyle(bits: np.ndarray, *, layer_labels: Sequence[int | str] | None = None,
+                 scores: np.ndarray | None = None) -> dict:
+    """``Plotly.restyle`` arguments that turn a drawn ``bits_heatmap`` into this one's map.
+
+    The page sends one per clusters value ahead of time, so the browser redraws the bits map
+    the moment the slider moves (``app.wiring.PREVIEW_JS``); JSON-ready, one trace.
+    """
+    parts, _ = _bits_parts(bits, layer_labels, scores)
+    return {"z": [parts["z"].tolist()],
+            "text": [None if parts["labels"] is None else parts["labels"].tolist()],
+            "customdata": [parts["hover"].tolist()], "colorscale": [parts["colorscale"]],
+            "zmax": [parts["zmax"]], "colorbar.tickvals": [parts["tickvals"]],
+            "colorbar.ticktext": [parts["ticktext"]]}
+
+
 def bits_heatmap(bits: np.ndarray, *, layer_labels: Sequence[int | str] | None = None,
                  scores: np.ndarray | None = None, title: str = "Assigned bits") -> go.Figure:
     """Layer x expert map of assigned bit widths, one fixed colour per width.
@@ -192,23 +223,15 @@ def bits_heatmap(bits: np.ndarray, *, layer_labels: Sequence[int | str] | None =
     Raises:
         ValueError: empty, non-2-D, non-integer or non-positive bits; mismatched shapes.
     """
-    arr = _as_2d(bits, "bits")
-    if np.isnan(arr).any() or (arr <= 0).any() or (arr != np.round(arr)).any():
-        raise ValueError("bits must be positive integers")
-    arr = arr.astype(int)
-    layers = _layer_names(layer_labels, arr.shape[0])
-    scores = None if scores is None else _as_2d(scores, "scores", arr.shape)
-    widths = sorted(set(arr.ravel().tolist()))
-    z = np.searchsorted(widths, arr)
-    hover = _cell_hover(layers, arr.shape, values=scores, bits=arr)
-    bar = {"title": {"text": "bits"}, "tickvals": list(range(len(widths))),
-           "ticktext": [str(b) for b in widths]}
-    trace = _heatmap(z, layers, hover, labels=_cell_labels(arr, str),
-                     colorscale=_discrete_scale(_bit_palette(widths)), zmin=-0.5,
-                     zmax=len(widths) - 0.5, colorbar=bar)
+    parts, layers = _bits_parts(bits, layer_labels, scores)
+    bar = {"title": {"text": "bits"}, "tickvals": parts["tickvals"],
+           "ticktext": parts["ticktext"]}
+    trace = _heatmap(parts["z"], layers, parts["hover"], labels=parts["labels"],
+                     colorscale=parts["colorscale"], zmin=-0.5, zmax=parts["zmax"],
+                     colorbar=bar)
     fig = go.Figure(trace)
     _reverse_rows(fig)
-    return _finish(fig, title=title, height=_heatmap_height(arr.shape[0]))
+    return _finish(fig, title=title, height=_heatmap_height(parts["z"].shape[0]))
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:
