@@ -70,8 +70,9 @@ def memory_note(alloc, score, settings) -> str:
 
 
 def previews(entry: st.ModelEntry, score, settings: st.AllocSettings, clusters) -> dict:
-    """At every clusters value: its ``memory`` note and the ``bits`` map's restyle
-    (``{}`` for methods without clusters).
+    """At every clusters value, its ``memory`` note and ``bits`` map restyle.
+
+    ``{}`` for methods without clusters.
 
     The clusters slider shows the entry for its new value in the browser at once (no round
     trip: ``wiring.PREVIEW_JS`` writes the text and restyles the drawn bits map); the server's

@@ -23,6 +23,7 @@ from mopeq.app.figures.heatmaps import (
 )
 from mopeq.app.figures.style import BIT_COLORS, UNITS, unit_for
 
-__all__ = ["BIT_COLORS", "UNITS", "bits_heatmap", "bits_restyle", "compare_heatmaps", "memory_breakdown",
+__all__ = ["BIT_COLORS", "UNITS", "bits_heatmap", "bits_restyle", "compare_heatmaps",
+           "memory_breakdown",
            "pareto_curve", "rank_correlation", "results_bars", "sensitivity_heatmap",
            "tradeoff_scatter", "training_curve", "unit_for"]
