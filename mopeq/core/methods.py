@@ -71,7 +71,7 @@ TABLE: tuple[MethodInfo, ...] = (
                estimator="mopeq.sensitivity.measured:_measured"),
 )
 BY_NAME: dict[str, MethodInfo] = {m.name: m for m in TABLE}
-# The data-aware method the sensitivity report ranks best on the embedded model (Spearman 0.97
+# The data-aware method the sensitivity report ranks best on the embedded model (Spearman 0.95
 # with ``measured``, in seconds; README "Sensitivity quality"). The app names it; the first
 # view stays on ``frobenius`` (instant, the paper's data-free baseline).
 RECOMMENDED = "block_fisher"

@@ -167,6 +167,21 @@ def test_quantize_evaluate_while_live_controls_stay_responsive(client):
 # ------------------------------------------------------------------------ helpers
 
 
+def test_the_first_view_shows_a_loss_beyond_the_noise(client):
+    """The page's defaults (the paper's map on the embedded model, the quick subset): the
+    quantized score sits below the baseline, outside its own interval, and the page calls the
+    difference significant (the issue's first-view criterion)."""
+    from mopeq.app.api import significance_text
+    from mopeq.core import defaults
+
+    run = client.predict(source="embedded", api_name="/quantize_evaluate")
+    assert run["pairs"] == defaults.QUICK_PAIRS
+    low, high = run["score_ci95"]
+    assert low <= run["score"] <= high < run["baseline_score"], run
+    assert run["score_delta_ci95"][1] < 0 and run["p_value"] < 0.05, run
+    assert "significant at" in significance_text(run)
+
+
 def test_import_is_light():
     code = "import sys, app; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
