@@ -57,9 +57,10 @@ def alloc_outputs(ui: Page, state: st.SessionState, entry: st.ModelEntry,
             plots.pareto_curve(alloc.pareto, current=alloc.current, unit=u,
                                score_name=judge.method) if alloc.pareto else None)),
         a.memory_preview: _send(state, "memory_preview", fp(
-            score.scores, score.method, dataclasses.replace(settings, clusters=0)), lambda: (
+            score.scores, score.method, judge.method, u,
+            dataclasses.replace(settings, clusters=0)), lambda: (
             previews(entry, score, settings, range(int(a.clusters.minimum),
-                                                   int(a.clusters.maximum) + 1)))),
+                                                   int(a.clusters.maximum) + 1), judge))),
     }
 
 
@@ -69,29 +70,36 @@ def memory_note(alloc, score, settings) -> str:
             + view.budget_note(settings.method, settings.target_bits, settings.bits))
 
 
-def previews(entry: st.ModelEntry, score, settings: st.AllocSettings, clusters) -> dict:
-    """At every clusters value, its ``memory`` note and ``bits`` map restyle.
+def previews(entry: st.ModelEntry, score, settings: st.AllocSettings, clusters,
+             judge=None) -> dict:
+    """At every clusters value, what a move to it redraws.
 
-    ``{}`` for methods without clusters.
-
-    The clusters slider shows the entry for its new value in the browser at once (no round
-    trip: ``wiring.PREVIEW_JS`` writes the text and restyles the drawn bits map); the server's
-    own event then redraws the other figures and sends the same text and map. Each entry is the
-    allocation the server would compute for that value.
+    ``memory`` (the note), ``bits`` (the bits map's ``Plotly.restyle``), ``memory_chart`` and
+    ``pareto`` (``Plotly.update`` of those charts; the latter when the allocation has a
+    current point); ``{}`` for methods without clusters. The clusters slider shows the entry
+    for its new value in the browser at once (no round trip: ``wiring.PREVIEW_JS``); the
+    server's own event then sends the same. Each entry is the allocation the server would
+    compute for that value (``judge``: the scores its predicted loss weighs errors by).
     """
     from mopeq.app import figures as plots
 
     if not view.alloc_controls(settings.method)["clusters"]:
         return {}
+    u, reference = unit(entry), st.bf16_breakdown(entry)
     out = {}
     for c in clusters:
         chosen = dataclasses.replace(settings, clusters=c)
         try:
-            alloc = st.allocate(entry, score, chosen, with_pareto=False)
+            alloc = st.allocate(entry, score, chosen, judge=judge)
         except ValueError:  # e.g. more clusters than experts: the server event says why
             continue
-        out[str(c)] = {"memory": memory_note(alloc, score, chosen), "bits": plots.bits_restyle(
-            alloc.bitmap.bits, layer_labels=entry.layout.moe_layers, scores=score.scores)}
+        entry_c = {"memory": memory_note(alloc, score, chosen), "bits": plots.bits_restyle(
+            alloc.bitmap.bits, layer_labels=entry.layout.moe_layers, scores=score.scores),
+            "memory_chart": plots.memory_update(alloc.memory.breakdown, reference=reference,
+                                                unit=u)}
+        if alloc.pareto and alloc.current:
+            entry_c["pareto"] = plots.pareto_update(alloc.current, unit=u)
+        out[str(c)] = entry_c
     return out
 
 

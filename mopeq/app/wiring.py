@@ -71,12 +71,22 @@ def _wire_sensitivity(ui: Page, h: Handlers, c: controls.Controls) -> None:
 
 
 # A clusters move, in the browser at once from the server's preview (page.previews): the
-# memory text, and the drawn bits map restyled to the new value's map.
+# memory text, the drawn bits map restyled, the memory chart and the Pareto star updated
+# (each only where the drawn chart has the traces the preview was made for).
 PREVIEW_JS = """(c, preview, current) => {
   const p = preview && preview[String(Math.round(c))];
   if (!p) return current;
-  const gd = document.querySelector('#bits-plot .js-plotly-plot');
-  if (p.bits && gd && gd.data && window.Plotly) window.Plotly.restyle(gd, p.bits, [0]);
+  const plot = (id) => document.querySelector('#' + id + ' .js-plotly-plot');
+  const P = window.Plotly, bits = plot('bits-plot'), mem = plot('memory-plot'),
+        front = plot('pareto-plot');
+  if (P && p.bits && bits && bits.data) P.restyle(bits, p.bits, [0]);  // before the text
+  const later = (draw) => setTimeout(draw, 0);  // the charts: one task each, after the text
+  const m = p.memory_chart, f = p.pareto;
+  later(() => { if (P && m && mem && mem.data && mem.data.length === m.traces)
+    P.update(mem, m.data, m.layout, [...Array(m.traces).keys()]); });
+  later(() => { if (P && f && front && front.data && front.data.length > f.trace &&
+                    (front.layout.annotations || []).length > 0)
+    P.update(front, f.data, f.layout, [f.trace]); });
   return p.memory;
 }"""
 

@@ -224,6 +224,17 @@ def test_the_clusters_preview_is_what_the_server_then_writes(page):
         assert restyle["colorscale"][0] == [list(x) for x in trace.colorscale]
         assert restyle["zmax"][0] == trace.zmax
         assert restyle["colorbar.ticktext"][0] == list(trace.colorbar.ticktext)
+        chart, update = out[page.ui.results.memory_plot], preview[str(c)]["memory_chart"]
+        assert update["traces"] == len(chart.data)
+        assert update["data"]["x"] == [list(t.x) for t in chart.data]
+        assert update["data"]["y"] == [list(t.y) for t in chart.data]
+        assert update["layout"]["title.text"] == chart.layout.title.text
+        front, move = out[page.ui.results.pareto_plot], preview[str(c)]["pareto"]
+        star, note = front.data[move["trace"]], front.layout.annotations[0]
+        assert star.name == "current" and move["data"]["x"] == [list(star.x)]
+        assert move["data"]["y"] == [list(star.y)] and move["data"]["text"] == [list(star.text)]
+        assert (move["layout"]["annotations[0].x"], move["layout"]["annotations[0].y"],
+                move["layout"]["annotations[0].text"]) == (note.x, note.y, note.text)
     assert len({preview[str(c)]["memory"] for c in (1, 2, 3)}) == 3  # it moves with C
     json.dumps(preview)  # it travels to the browser as JSON
     again = call(page, page.h.allocate, clusters=5)  # same settings but C: not sent again

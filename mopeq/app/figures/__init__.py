@@ -9,7 +9,9 @@ charts are in ``charts``, the shared look in ``style``.
 
 from mopeq.app.figures.charts import (
     memory_breakdown,
+    memory_update,
     pareto_curve,
+    pareto_update,
     results_bars,
     tradeoff_scatter,
     training_curve,
@@ -24,6 +26,6 @@ from mopeq.app.figures.heatmaps import (
 from mopeq.app.figures.style import BIT_COLORS, UNITS, unit_for
 
 __all__ = ["BIT_COLORS", "UNITS", "bits_heatmap", "bits_restyle", "compare_heatmaps",
-           "memory_breakdown",
-           "pareto_curve", "rank_correlation", "results_bars", "sensitivity_heatmap",
-           "tradeoff_scatter", "training_curve", "unit_for"]
+           "memory_breakdown", "memory_update", "pareto_curve", "pareto_update",
+           "rank_correlation", "results_bars", "sensitivity_heatmap", "tradeoff_scatter",
+           "training_curve", "unit_for"]

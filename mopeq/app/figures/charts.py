@@ -47,6 +47,29 @@ def _check_bytes(breakdown: Mapping[str, int], name: str) -> None:
         raise ValueError(f"{name} must hold byte counts >= 0, got {bad}")
 
 
+def _memory_parts(breakdown: Mapping[str, int], reference: Mapping[str, int] | None,
+                  unit: str, title: str | None) -> tuple[list[tuple[str, list, list]], str, int]:
+    """The memory chart's bars (name, row labels, sizes), its title and its row count."""
+    scale = _unit(unit)
+    _check_bytes(breakdown, "breakdown")
+    rows = {"this model": breakdown}
+    if reference is not None:
+        _check_bytes(reference, "reference")
+        rows["bf16"] = reference
+    totals = {r: sum(d.values()) / scale for r, d in rows.items()}
+    labels = [f"{r}<br>{t:.3g} {unit}" for r, t in totals.items()]
+    bars = []
+    for comp in _component_order(list(dict.fromkeys([k for d in rows.values() for k in d]))):
+        mb = [d.get(comp, 0) / scale for d in rows.values()]
+        if any(mb):
+            bars.append((COMPONENT_NAMES.get(comp, comp.replace("_", " ")), labels, mb))
+    if title is None:
+        title = f"Weights: {totals['this model']:.3f} {unit}"
+        if "bf16" in totals and totals["this model"] > 0:
+            title += f" ({totals['bf16'] / totals['this model']:.2f}x smaller than bf16)"
+    return bars, title, len(rows)
+
+
 def memory_breakdown(breakdown: Mapping[str, int], *, title: str | None = None,
                      reference: Mapping[str, int] | None = None,
                      unit: str = "MB") -> go.Figure:
@@ -61,29 +84,25 @@ def memory_breakdown(breakdown: Mapping[str, int], *, title: str | None = None,
     Raises:
         ValueError: an empty breakdown, a negative / non-numeric count, or an unknown unit.
     """
-    scale = _unit(unit)
-    _check_bytes(breakdown, "breakdown")
-    rows = {"this model": breakdown}
-    if reference is not None:
-        _check_bytes(reference, "reference")
-        rows["bf16"] = reference
-    totals = {r: sum(d.values()) / scale for r, d in rows.items()}
-    labels = {r: f"{r}<br>{t:.3g} {unit}" for r, t in totals.items()}
+    bars, title, n_rows = _memory_parts(breakdown, reference, unit, title)
     fig = go.Figure()
-    for comp in _component_order(list(dict.fromkeys([k for d in rows.values() for k in d]))):
-        mb = [d.get(comp, 0) / scale for d in rows.values()]
-        if not any(mb):
-            continue
-        name = COMPONENT_NAMES.get(comp, comp.replace("_", " "))
-        fig.add_bar(y=[labels[r] for r in rows], x=mb, name=name,
-                    orientation="h", hovertemplate=f"%{{fullData.name}}: %{{x:.3f}} {unit}")
-    if title is None:
-        title = f"Weights: {totals['this model']:.3f} {unit}"
-        if "bf16" in totals and totals["this model"] > 0:
-            title += f" ({totals['bf16'] / totals['this model']:.2f}x smaller than bf16)"
-    fig.update_xaxes(title_text=f"{unit} (1e{int(math.log10(scale))} bytes)")
+    for name, labels, mb in bars:
+        fig.add_bar(y=labels, x=mb, name=name, orientation="h",
+                    hovertemplate=f"%{{fullData.name}}: %{{x:.3f}} {unit}")
+    fig.update_xaxes(title_text=f"{unit} (1e{int(math.log10(_unit(unit)))} bytes)")
     fig.update_yaxes(autorange="reversed", automargin=True)
-    return _finish(fig, title=title, height=300 + 40 * len(rows), barmode="stack")
+    return _finish(fig, title=title, height=300 + 40 * n_rows, barmode="stack")
+
+
+def memory_update(breakdown: Mapping[str, int], *, reference: Mapping[str, int] | None = None,
+                  unit: str = "MB") -> dict:
+    """``Plotly.update`` arguments that turn a drawn ``memory_breakdown`` into this one.
+
+    ``traces``: how many bars the chart must have for the update to apply (JSON-ready).
+    """
+    bars, title, _ = _memory_parts(breakdown, reference, unit, None)
+    return {"data": {"x": [mb for _, _, mb in bars], "y": [labels for _, labels, _ in bars]},
+            "layout": {"title.text": title}, "traces": len(bars)}
 
 
 def _points_hover(p: Mapping[str, float], unit: str = "GB") -> str:
@@ -125,13 +144,12 @@ def pareto_curve(points: list[dict], *, current: dict | None = None, x: str = "g
                                mode="lines+markers", text=[_points_hover(p, unit) for p in pts],
                                hovertemplate="%{text}<extra>frontier</extra>"))
     if current is not None:
-        cur = _sized(current, unit)
-        fig.add_scatter(x=[cur[key]], y=[cur[y]], name="current", mode="markers",
+        cx, cy, hover = _current_parts(current, key, y, unit)
+        fig.add_scatter(x=[cx], y=[cy], name="current", mode="markers",
                         marker={"symbol": "star", "size": 18, "color": "#d62728",
                                 "line": {"width": 1, "color": "black"}},
-                        text=[_points_hover(cur, unit)],
-                        hovertemplate="%{text}<extra>current</extra>")
-        fig.add_annotation(x=cur[key], y=cur[y], text="current<br>" + _points_hover(cur, unit),
+                        text=[hover], hovertemplate="%{text}<extra>current</extra>")
+        fig.add_annotation(x=cx, y=cy, text="current<br>" + hover,
                            showarrow=True, arrowhead=2, ax=0, ay=-60, align="left",
                            bgcolor="rgba(255,255,255,0.85)", bordercolor="#888")
     xtitle = f"weights ({unit})" if x == "gb" else AXIS_TITLES.get(x, x)
@@ -145,6 +163,24 @@ def pareto_curve(points: list[dict], *, current: dict | None = None, x: str = "g
         _single_point_view(fig, pts[0][key], pts[0][y])
         title = f"One allocation only: a single bit width leaves no {ytitle} to trade"
     return _finish(fig, title=title, height=380)
+
+
+def _current_parts(current: Mapping, key: str, y: str, unit: str) -> tuple[float, float, str]:
+    cur = _sized(current, unit)
+    return cur[key], cur[y], _points_hover(cur, unit)
+
+
+def pareto_update(current: dict, *, x: str = "gb", y: str = "predicted_loss",
+                  unit: str = "GB") -> dict:
+    """``Plotly.update`` arguments that move a drawn ``pareto_curve``'s current point.
+
+    The frontier does not move with the clusters; the star (trace 1) and its note do.
+    """
+    _require_keys([current], (x, y), "current")
+    cx, cy, hover = _current_parts(current, "size" if x == "gb" else x, y, unit)
+    return {"data": {"x": [[cx]], "y": [[cy]], "text": [[hover]]},
+            "layout": {"annotations[0].x": cx, "annotations[0].y": cy,
+                       "annotations[0].text": "current<br>" + hover}, "trace": 1}
 
 
 def _single_point_view(fig: go.Figure, x0: float, y0: float) -> None:
