@@ -56,13 +56,11 @@ def main() -> None:
     torch.set_num_threads(1)
     from mopeq.embedded import outliers
     from mopeq.embedded.synthetic import eval_split
-    from mopeq.embedded.tiny import VALIDATION_SEED
+    from mopeq.embedded.tiny import CHANNEL_EXPONENTS, VALIDATION_SEED
     from mopeq.evaluation.evaluate import compare, run_evaluation
     from mopeq.model.loading import load_model
     from mopeq.model.moe import discover
     from mopeq.quantize.autoround import QuantConfig, quantize
-
-    from mopeq.embedded.tiny import CHANNEL_EXPONENTS
 
     text = args.exponents or ";".join(",".join(map(str, row)) for row in CHANNEL_EXPONENTS)
     sets = [[int(x) for x in part.split(",")] for part in text.split(";")]
