@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 
+from mopeq.core.errors import MopeqError
 from mopeq.core.layout import PROJECTIONS
 from mopeq.embedded import tiny
 from mopeq.model import moe
@@ -473,8 +474,12 @@ def test_text_calibration_builtin_file_and_tokenizer(olmoe, tmp_path):
     from_file = C.calibration_batches(model, None, 1, 2, seed=0, text_file=text, seq_len=16)
     assert "notes.txt" in from_file.description and from_file.batches[0]["input_ids"].shape == (
         2, 16)
-    tok = tiny.build_tokenizer()
-    tokenized = C.calibration_batches(model, tok, 1, 2, seed=0, seq_len=8)
+    tok = tiny.build_tokenizer()  # 181 ids: more than this model's 128 embedding rows
+    with pytest.raises(MopeqError, match="does not belong to this model"):
+        C.calibration_batches(model, tok, 1, 2, seed=0, seq_len=8)
+    wide = copy.deepcopy(model)
+    wide.resize_token_embeddings(len(tok))
+    tokenized = C.calibration_batches(wide, tok, 1, 2, seed=0, seq_len=8)
     assert f"tokenizer=TokenizersBackend(,{len(tok)})" in tokenized.description
     assert torch.equal(tokenized.batches[0]["labels"], tokenized.batches[0]["input_ids"])
 
