@@ -27,12 +27,24 @@ from mopeq.core.errors import MopeqError
 
 
 def _moe_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers whose post-attention norm feeds only a router and routed experts."""
     layers = [m for m in model.modules()
               if hasattr(m, "post_attention_layernorm") and hasattr(getattr(m, "mlp", None), "gate")
               and hasattr(m.mlp, "experts")]
     if not layers:
         raise MopeqError("no OLMoE-style MoE layer (post-attention norm, router, experts) found")
+    for layer in layers:
+        others = [name for name, child in layer.mlp.named_children()
+                  if name not in ("gate", "experts") and any(True for _ in child.parameters())]
+        if others:  # e.g. DeepSeek's shared experts read the normed input too
+            raise MopeqError(f"the MoE block also feeds {others} from the post-attention norm: "
+                             "the rescale would change what the model computes")
     return layers
+
+
+def check(model: nn.Module) -> None:
+    """Raise ``MopeqError`` unless ``spread_channels`` can rescale ``model`` exactly."""
+    _moe_layers(model)
 
 
 def draw_exponents(num_layers: int, hidden: int, exponents: Sequence[Sequence[int]],

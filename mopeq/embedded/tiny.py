@@ -271,7 +271,8 @@ class TinyRecipe:
     language_model: str = "olmoe"  # or "deepseek_v2"
     repeat_question: bool = True
     # after training: outlier channels at the experts' inputs, an exact rescale
-    # (embedded.outliers; per-layer exponent sets, cycled; () for none)
+    # (embedded.outliers; per-layer exponent sets, cycled; () for none, which "deepseek_v2"
+    # needs: its shared experts read the same input, and train() refuses before it trains)
     channel_exponents: tuple[tuple[int, ...], ...] = CHANNEL_EXPONENTS
     channel_seed: int = 0
 

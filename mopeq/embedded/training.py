@@ -155,6 +155,8 @@ def train(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), minutes: float
         model, processor = new_model(recipe)
         log = {"curve": []}
     log.update(recipe=asdict(recipe), stopped_early=False)
+    if recipe.channel_exponents:  # refuse now, not after the training, if it cannot apply
+        outliers.check(model.language_model)
     model.language_model.set_experts_implementation("grouped_mm")
     quick = synthetic.eval_split(eval_pairs, seed=VALIDATION_SEED)
     ctx = {"processor": processor, "quick": quick, "eval_every": eval_every, "log": log,

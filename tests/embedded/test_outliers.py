@@ -85,3 +85,28 @@ def test_draws_are_seeded():
 def test_a_model_without_moe_layers_is_refused():
     with pytest.raises(MopeqError, match="no OLMoE-style MoE layer"):
         outliers.spread_channels(torch.nn.Linear(4, 4), [(0,)], seed=0)
+
+
+def test_a_block_with_shared_experts_is_refused_not_changed():
+    """DeepSeek-V2's shared experts read the normed input too: refuse rather than alter it."""
+    import dataclasses
+
+    model, _ = tiny.new_model(dataclasses.replace(RECIPE, language_model="deepseek_v2"))
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(MopeqError, match="shared_experts"):
+        outliers.spread_channels(model.language_model, [(-2, 0)], seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_training_a_recipe_the_rescale_cannot_take_fails_before_it_trains(tmp_path):
+    import dataclasses
+
+    from mopeq.embedded import training
+
+    recipe = dataclasses.replace(RECIPE, language_model="deepseek_v2", batch_images=2).scaled(2)
+    with pytest.raises(MopeqError, match="shared_experts"):
+        training.train(tmp_path, recipe, eval_every=1, eval_pairs=2)
+    assert not (tmp_path / "config.json").exists()
+    plain = dataclasses.replace(recipe, channel_exponents=())
+    log = training.train(tmp_path, plain, eval_every=1, eval_pairs=2)
+    assert "channel_gains" not in log and len(log["curve"]) == 2
