@@ -25,24 +25,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 
-def _undo(model) -> None:
-    """Remove the outlier channels a checkpoint records (exact: powers of two)."""
-    from mopeq.embedded import outliers
-
-    gains = model.config.channel_gains
-    if not gains:
-        return
-    layers = outliers._moe_layers(model.language_model)
-    hidden = layers[0].post_attention_layernorm.weight.numel()
-    u = outliers.draw_exponents(len(layers), hidden, gains["exponents"], gains["seed"])
-    for layer, row in zip(layers, u, strict=True):
-        gain = 2.0 ** row
-        layer.post_attention_layernorm.weight.data.div_(gain)
-        layer.mlp.gate.weight.data.mul_(gain)
-        layer.mlp.experts.gate_up_proj.data.mul_(gain)
-    model.config.channel_gains = None
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--exponents", default=None,
@@ -65,7 +47,10 @@ def main() -> None:
     text = args.exponents or ";".join(",".join(map(str, row)) for row in CHANNEL_EXPONENTS)
     sets = [[int(x) for x in part.split(",")] for part in text.split(";")]
     loaded = load_model(args.model)
-    _undo(loaded.model)
+    recorded = loaded.model.config.channel_gains
+    if recorded:  # back to the trained weights first
+        outliers.spread_channels(loaded.model.language_model, recorded["exponents"],
+                                 recorded["seed"], undo=True)
     outliers.spread_channels(loaded.model.language_model, sets, args.seed)
     layout = discover(loaded.model)
     samples = eval_split(args.per_category, seed=VALIDATION_SEED)

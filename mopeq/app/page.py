@@ -90,14 +90,15 @@ def previews(entry: st.ModelEntry, score, settings: st.AllocSettings, clusters,
     for c in clusters:
         chosen = dataclasses.replace(settings, clusters=c)
         try:
-            alloc = st.allocate(entry, score, chosen, judge=judge)
+            alloc = st.allocate(entry, score, chosen, with_pareto=False, judge=judge,
+                                with_current=True)  # the frontier does not move with C
         except ValueError:  # e.g. more clusters than experts: the server event says why
             continue
         entry_c = {"memory": memory_note(alloc, score, chosen), "bits": plots.bits_restyle(
             alloc.bitmap.bits, layer_labels=entry.layout.moe_layers, scores=score.scores),
             "memory_chart": plots.memory_update(alloc.memory.breakdown, reference=reference,
                                                 unit=u)}
-        if alloc.pareto and alloc.current:
+        if alloc.current:
             entry_c["pareto"] = plots.pareto_update(alloc.current, unit=u)
         out[str(c)] = entry_c
     return out

@@ -277,16 +277,19 @@ def errors(entry: ModelEntry, bits: tuple[int, ...], group_size: int):
 
 
 def allocate(entry: ModelEntry, score: Scores, settings: AllocSettings,
-               with_pareto: bool = True, judge: Scores | None = None) -> Allocation:
+               with_pareto: bool = True, judge: Scores | None = None,
+               with_current: bool = False) -> Allocation:
     """Bits, memory estimate and (with errors) the Pareto frontier for ``settings``.
 
-    ``judge``: the sensitivities the predicted loss weighs errors by (default ``score``).
+    ``judge``: the sensitivities the predicted loss weighs errors by (default ``score``);
+    ``with_current``: the map's predicted loss without the frontier.
     """
     spec = settings.spec()
-    need_errors = with_pareto or methods.allocator(spec.alloc_method).needs_errors
+    need_errors = (with_pareto or with_current
+                   or methods.allocator(spec.alloc_method).needs_errors)
     errs = errors(entry, spec.bits, spec.group_size) if need_errors else None
     return entry.workspace.allocate(spec, score, errors=errs, with_pareto=with_pareto,
-                                    judge=judge)
+                                    judge=judge, with_current=with_current)
 
 
 def bf16_breakdown(entry: ModelEntry) -> dict[str, int]:

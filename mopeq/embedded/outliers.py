@@ -66,17 +66,18 @@ def draw_exponents(num_layers: int, hidden: int, exponents: Sequence[Sequence[in
 
 @torch.no_grad()
 def spread_channels(model: nn.Module, exponents: Sequence[Sequence[int]],
-                    seed: int) -> torch.Tensor:
+                    seed: int, undo: bool = False) -> torch.Tensor:
     """Move a power-of-two gain per channel from the experts' inputs into the norm, in place.
 
-    Returns the exponents applied (``[layers, hidden]``). The experts' fused
-    ``gate_up_proj`` is ``[experts, 2 x ffn, hidden]`` (transformers 5's OLMoE layout).
+    Returns the exponents applied (``[layers, hidden]``). ``undo`` moves the same draw's gains
+    back (exactly: the trained weights again). The experts' fused ``gate_up_proj`` is
+    ``[experts, 2 x ffn, hidden]`` (transformers 5's OLMoE layout).
     """
     layers = _moe_layers(model)
     hidden = layers[0].post_attention_layernorm.weight.numel()
     u = draw_exponents(len(layers), hidden, exponents, seed)
     for layer, row in zip(layers, u, strict=True):
-        gain = (2.0 ** row).to(layer.post_attention_layernorm.weight.dtype)
+        gain = (2.0 ** (-row if undo else row)).to(layer.post_attention_layernorm.weight.dtype)
         experts = layer.mlp.experts
         if experts.gate_up_proj.shape[-1] != hidden:
             raise MopeqError(f"experts' gate_up_proj {tuple(experts.gate_up_proj.shape)} does "

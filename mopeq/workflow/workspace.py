@@ -183,15 +183,16 @@ class Workspace:
 
     def allocate(self, spec: RunSpec, scores: Scores, *, errors: np.ndarray | None = None,
                  with_pareto: bool = False, reference: BitMap | None = None,
-                 judge: Scores | None = None) -> Allocation:
+                 judge: Scores | None = None, with_current: bool = False) -> Allocation:
         """Allocate bits, snap them per layer if asked, and estimate memory (milliseconds).
 
         ``judge`` holds the sensitivities the predicted loss and the frontier weigh errors by
         (default: ``scores``); a ``frequency`` allocation passes one, as routing counts rank
-        experts but are no loss.
+        experts but are no loss. ``with_current``: the predicted loss of this map (``current``)
+        without the frontier (``with_pareto`` computes both).
         """
         return allocate(scores, self.layout, spec, errors=errors, with_pareto=with_pareto,
-                        reference=reference, judge=judge)
+                        reference=reference, judge=judge, with_current=with_current)
 
     def memory(self, spec: RunSpec, bitmap) -> MemoryEstimate:
         """The memory estimate of ``bitmap`` with ``spec``'s storage settings."""
@@ -264,7 +265,7 @@ class Workspace:
 
 def allocate(scores, layout: MoELayout, spec: RunSpec, *, errors: np.ndarray | None = None,
              with_pareto: bool = False, reference: BitMap | None = None,
-             judge=None) -> Allocation:
+             judge=None, with_current: bool = False) -> Allocation:
     """``Workspace.allocate`` on a bare layout (no model needed unless ``budget`` needs errors).
 
     Raises:
@@ -281,12 +282,13 @@ def allocate(scores, layout: MoELayout, spec: RunSpec, *, errors: np.ndarray | N
     if spec.snap:
         bitmap = snap_per_layer(bitmap, layout, spec.snap)
     result = Allocation(bitmap, estimate(layout, bitmap, config.memory))
-    if with_pareto and (errors is not None or getattr(judge, "errors", None) is not None):
+    known = errors is not None or getattr(judge, "errors", None) is not None
+    if with_pareto and known:
         result.pareto = pareto(judge, errors, layout, config.bits, config.memory)
-        if set(np.unique(bitmap.bits)) <= set(config.bits):
-            result.current = {"gb": result.memory.gb, "avg_bits": bitmap.avg_bits,
-                              "predicted_loss": predicted_loss(bitmap, judge, errors,
-                                                               config.bits)}
+    if (with_pareto or with_current) and known and set(np.unique(bitmap.bits)) <= set(
+            config.bits):
+        result.current = {"gb": result.memory.gb, "avg_bits": bitmap.avg_bits,
+                          "predicted_loss": predicted_loss(bitmap, judge, errors, config.bits)}
     return result
 
 

@@ -35,6 +35,10 @@ def test_the_rescale_leaves_every_logit_bit_identical():
     assert set(u[1].tolist()) <= {1.0, 0.0, -1.0}
     ratio = model.language_model.model.layers[0].post_attention_layernorm.weight / norm
     assert torch.equal(ratio, 2.0 ** u[0])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    outliers.spread_channels(model.language_model, [(-3, 0), (1, 0, -1)], seed=4)
+    outliers.spread_channels(model.language_model, [(-3, 0), (1, 0, -1)], seed=4, undo=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # undone
 
 
 def _rtn(w: torch.Tensor, bits: int) -> torch.Tensor:
