@@ -33,7 +33,12 @@ def _send(state: st.SessionState, name: str, key: str, build):
 
 def alloc_outputs(ui: Page, state: st.SessionState, entry: st.ModelEntry,
                   alloc, score, judge, settings: st.AllocSettings) -> dict:
-    """The allocation panel's outputs (bits map, clusters, memory, badge, breakdown, Pareto)."""
+    """The allocation panel's outputs (bits map, clusters, memory, badge, breakdown, Pareto).
+
+    After a clusters move the browser has already drawn the memory text, the bits map, the
+    memory chart and the Pareto star from the preview it holds (``wiring.PREVIEW_JS``); those
+    are not sent again (each would be redrawn twice by gradio, ~250 ms of the page's thread).
+    """
     from mopeq.app import figures as plots
 
     labels, u = entry.layout.moe_layers, unit(entry)
@@ -42,26 +47,59 @@ def alloc_outputs(ui: Page, state: st.SessionState, entry: st.ModelEntry,
     table = tables.clusters_table(alloc, score)
     badge = deploy_badge(alloc.bitmap)
     breakdown = alloc.memory.breakdown
-    fp, a, r = view.fingerprint, ui.allocation, ui.results
+    fp, a, r, drawn = view.fingerprint, ui.allocation, ui.results, state.drawn
+    preview_key = fp(score.scores, score.method, judge.method, u,
+                     dataclasses.replace(settings, clusters=0))
+    by_preview = _previewed(drawn, preview_key, settings)
+
+    def send(name: str, key: str, build):
+        if name in by_preview:
+            drawn.shown(name, key)
+            return gr.skip()
+        return _send(state, name, key, lambda: drawn.stamp(name, build()))
+
     return {
-        a.memory_md: _send(state, "memory_md", note, lambda: note),
+        a.memory_md: send("memory_md", note, lambda: note),
         a.deploy_md: _send(state, "deploy_md", badge, lambda: badge),
-        r.bits_plot: _send(state, "bits_plot", fp(bits, labels, score.scores), lambda: (
+        r.bits_plot: send("bits_plot", fp(bits, labels, score.scores), lambda: (
             plots.bits_heatmap(bits, layer_labels=labels, scores=score.scores))),
         r.clusters_df: _send(state, "clusters_df", fp(table.to_json()),
                              lambda: view.readable(table)),
-        r.memory_plot: _send(state, "memory_plot", fp(sorted(breakdown.items()), u), lambda: (
+        r.memory_plot: send("memory_plot", fp(sorted(breakdown.items()), u), lambda: (
             plots.memory_breakdown(breakdown, reference=st.bf16_breakdown(entry), unit=u))),
-        r.pareto_plot: _send(state, "pareto_plot", fp(alloc.pareto, alloc.current, u,
-                                                      judge.method), lambda: (
+        r.pareto_plot: send("pareto_plot", fp(alloc.pareto, alloc.current, u,
+                                              judge.method), lambda: (
             plots.pareto_curve(alloc.pareto, current=alloc.current, unit=u,
                                score_name=judge.method) if alloc.pareto else None)),
-        a.memory_preview: _send(state, "memory_preview", fp(
-            score.scores, score.method, judge.method, u,
-            dataclasses.replace(settings, clusters=0)), lambda: (
-            previews(entry, score, settings, range(int(a.clusters.minimum),
-                                                   int(a.clusters.maximum) + 1), judge))),
+        a.memory_preview: _send(state, "memory_preview", preview_key, lambda: _held(
+            drawn, previews(entry, score, settings, range(int(a.clusters.minimum),
+                                                          int(a.clusters.maximum) + 1), judge))),
     }
+
+
+def _held(drawn: view.Drawn, preview: dict) -> dict:
+    """The preview sent to the page, remembered as the one it holds."""
+    drawn.preview = preview
+    return preview
+
+
+def _previewed(drawn: view.Drawn, preview_key: str, settings: st.AllocSettings) -> set[str]:
+    """The outputs the browser drew itself for ``settings.clusters`` from the preview it holds.
+
+    Only when that preview was made for these settings (all but the clusters) and each chart
+    on the page has what ``PREVIEW_JS``/``CHARTS_JS`` check before they draw.
+    """
+    entry = drawn.preview.get(str(settings.clusters)) if (
+        drawn.keys.get("memory_preview") == preview_key) else None
+    if not entry:
+        return set()
+    done = {"memory_md", "bits_plot"} if "bits_plot" in drawn.traces else {"memory_md"}
+    if len(drawn.traces.get("memory_plot", ())) == entry["memory_chart"]["traces"]:
+        done.add("memory_plot")
+    star = entry.get("pareto", {}).get("trace")
+    if star is not None and drawn.traces.get("pareto_plot", [])[star:star + 1] == ["current"]:
+        done.add("pareto_plot")
+    return done
 
 
 def memory_note(alloc, score, settings) -> str:
@@ -74,12 +112,13 @@ def previews(entry: st.ModelEntry, score, settings: st.AllocSettings, clusters,
              judge=None) -> dict:
     """At every clusters value, what a move to it redraws.
 
-    ``memory`` (the note), ``bits`` (the bits map's ``Plotly.restyle``), ``memory_chart`` and
-    ``pareto`` (``Plotly.update`` of those charts; the latter when the allocation has a
-    current point); ``{}`` for methods without clusters. The clusters slider shows the entry
-    for its new value in the browser at once (no round trip: ``wiring.PREVIEW_JS``); the
-    server's own event then sends the same. Each entry is the allocation the server would
-    compute for that value (``judge``: the scores its predicted loss weighs errors by).
+    ``memory`` (the note), ``bits`` (the bits map's ``Plotly.restyle``), ``memory_chart``
+    (``Plotly.update``: the bars' sizes and the title) and ``pareto`` (``Plotly.restyle`` of
+    the star; when the allocation has a current point); ``{}`` for methods without clusters.
+    The clusters slider shows the entry for its new value in the browser at once (no round
+    trip: ``wiring.PREVIEW_JS`` and ``CHARTS_JS``); the server's own event then leaves what
+    it drew (``alloc_outputs``). Each entry is the allocation the server would compute for
+    that value (``judge``: the scores its predicted loss weighs errors by).
     """
     from mopeq.app import figures as plots
 

@@ -171,10 +171,30 @@ class Drawn:
 
     ``changed(name, key)`` is True (and remembers ``key``) when the output must be sent again;
     a live event sends ``gr.skip()`` for the others, so the browser redraws only what changed.
+    ``shown(name, key)`` records what the browser drew by itself (the clusters preview), and
+    ``preview`` is the clusters preview the page holds. ``stamp`` numbers every figure sent, so
+    that a figure is never the same JSON as the one before it: a plot whose data the preview
+    restyled still holds its previous figure as its value, and gradio redraws a plot only when
+    its value changes.
     """
 
     def __init__(self):
         self.keys: dict[str, str] = {}
+        self.preview: dict = {}
+        self.traces: dict[str, list[str]] = {}  # each drawn figure's trace names
+        self.sent = 0
+
+    def shown(self, name: str, key: str) -> None:
+        """The browser shows ``key`` in ``name`` without the server having sent it."""
+        self.keys[name] = key
+
+    def stamp(self, name: str, figure):
+        """A plotly ``figure`` numbered in ``layout.meta``, its traces kept (others as given)."""
+        if hasattr(figure, "update_layout"):
+            self.sent += 1
+            figure.update_layout(meta={"sent": self.sent})
+            self.traces[name] = [t.name for t in figure.data]
+        return figure
 
     def changed(self, name: str, key: str) -> bool:
         """Whether ``name`` shows something else than ``key``; remembers ``key``."""

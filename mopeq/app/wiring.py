@@ -70,31 +70,42 @@ def _wire_sensitivity(ui: Page, h: Handlers, c: controls.Controls) -> None:
         _on(control.change, ui, h.view, s.heatmap, **private("view", "live", LIVE, **LATEST))
 
 
-# A clusters move, in the browser at once from the server's preview (page.previews): the
-# memory text, the drawn bits map restyled, the memory chart and the Pareto star updated
-# (each only where the drawn chart has the traces the preview was made for).
+# A clusters move, in the browser at once from the server's preview (page.previews), in two
+# page-only listeners that gradio runs one after the other, before it sends the server event:
+# the bits map restyled and the memory text (PREVIEW_JS), then the memory chart's bars and the
+# Pareto star (CHARTS_JS), each only where the drawn chart has the traces the preview was made
+# for. Data-only restyles cost ~20-40 ms each; a chart deferred to a later task (setTimeout,
+# requestAnimationFrame) waited ~40 ms more behind gradio's own work for the server event
+# (README, "Slider latency").
 PREVIEW_JS = """(c, preview, current) => {
   const p = preview && preview[String(Math.round(c))];
   if (!p) return current;
-  const plot = (id) => document.querySelector('#' + id + ' .js-plotly-plot');
-  const P = window.Plotly, bits = plot('bits-plot'), mem = plot('memory-plot'),
-        front = plot('pareto-plot');
-  if (P && p.bits && bits && bits.data) P.restyle(bits, p.bits, [0]);  // before the text
-  const later = (draw) => setTimeout(draw, 0);  // the charts: one task each, after the text
-  const m = p.memory_chart, f = p.pareto;
-  later(() => { if (P && m && mem && mem.data && mem.data.length === m.traces)
-    P.update(mem, m.data, m.layout, [...Array(m.traces).keys()]); });
-  later(() => { if (P && f && front && front.data && front.data.length > f.trace &&
-                    (front.layout.annotations || []).length > 0)
-    P.update(front, f.data, f.layout, [f.trace]); });
+  const P = window.Plotly, bits = document.querySelector('#bits-plot .js-plotly-plot');
+  if (P && p.bits && bits && bits.data) P.restyle(bits, p.bits, [0]);
   return p.memory;
+}"""
+CHARTS_JS = """(c, preview) => {
+  const p = preview && preview[String(Math.round(c))];
+  if (!p || !window.Plotly) return [];
+  const plot = (id) => document.querySelector('#' + id + ' .js-plotly-plot');
+  const P = window.Plotly, mem = plot('memory-plot'),
+        front = plot('pareto-plot'), m = p.memory_chart, f = p.pareto;
+  if (m && mem && mem.data && mem.data.length === m.traces)
+    P.update(mem, m.data, m.layout, [...Array(m.traces).keys()]);
+  if (f && front && front.data && front.data.length > f.trace &&
+      front.data[f.trace].name === 'current') P.restyle(front, f.data, [f.trace]);
+  return [];
 }"""
 
 
 def _wire_allocation(ui: Page, h: Handlers, c: controls.Controls) -> None:
     a = ui.allocation
     a.clusters.change(None, [a.clusters, a.memory_preview, a.memory_md], a.memory_md,
-                      js=PREVIEW_JS, show_progress="hidden", **private("clusters_preview"))
+                      js=PREVIEW_JS, show_progress="hidden", trigger_mode="multiple",
+                      **private("clusters_preview"))
+    a.clusters.change(None, [a.clusters, a.memory_preview], None, js=CHARTS_JS,
+                      show_progress="hidden", trigger_mode="multiple",
+                      **private("clusters_charts"))
     for control in (a.score_source, a.alloc_method, a.clusters, a.bits, a.scope, a.log_scores,
                     a.target_bits, a.uniform_bits, a.group_size, a.base_bits, a.snap, a.seed):
         _on(control.change, ui, h.allocate, ui.pick(*ALLOC_OUT),

@@ -52,7 +52,8 @@ def call(page, handler, **changed):
 
 
 def _sent(out: dict, component) -> bool:
-    return out[component] != SKIP
+    value = out[component]
+    return not (isinstance(value, dict) and value == SKIP)
 
 
 # ------------------------------------------------------------------------ controls
@@ -213,6 +214,7 @@ def test_the_clusters_preview_is_what_the_server_then_writes(page):
     preview = allocate()[a.memory_preview]
     lo, hi = int(a.clusters.minimum), int(a.clusters.maximum)
     assert set(preview) == {str(c) for c in range(lo, hi + 1)}
+    rows = set()
     for c in (1, 2, 4):
         out = allocate(clusters=c)
         assert out[a.memory_md] == preview[str(c)]["memory"]
@@ -227,14 +229,17 @@ def test_the_clusters_preview_is_what_the_server_then_writes(page):
         chart, update = out[page.ui.results.memory_plot], preview[str(c)]["memory_chart"]
         assert update["traces"] == len(chart.data)
         assert update["data"]["x"] == [list(t.x) for t in chart.data]
-        assert update["data"]["y"] == [list(t.y) for t in chart.data]
+        assert set(update["data"]) == {"x"}  # the row labels do not move with C: bars only
+        rows.add(tuple(chart.data[0].y))
         assert update["layout"]["title.text"] == chart.layout.title.text
         front, move = out[page.ui.results.pareto_plot], preview[str(c)]["pareto"]
-        star, note = front.data[move["trace"]], front.layout.annotations[0]
+        star = front.data[move["trace"]]
         assert star.name == "current" and move["data"]["x"] == [list(star.x)]
         assert move["data"]["y"] == [list(star.y)] and move["data"]["text"] == [list(star.text)]
-        assert (move["layout"]["annotations[0].x"], move["layout"]["annotations[0].y"],
-                move["layout"]["annotations[0].text"]) == (note.x, note.y, note.text)
+        assert move["data"]["customdata"] == [list(star.customdata)]
+        assert star.text[0].startswith("current: ") and "avg bits" in star.customdata[0]
+        assert not front.layout.annotations  # nothing in the layout moves with the star
+    assert len(rows) == 1, rows
     assert len({preview[str(c)]["memory"] for c in (1, 2, 3)}) == 3  # it moves with C
     json.dumps(preview)  # it travels to the browser as JSON
     again = call(page, page.h.allocate, clusters=5)  # same settings but C: not sent again
@@ -242,6 +247,33 @@ def test_the_clusters_preview_is_what_the_server_then_writes(page):
     assert allocate(alloc_method="budget")[a.memory_preview] == {}  # no clusters, no preview
     assert "preview[String(Math.round(c))]" in PREVIEW_JS
     allocate()
+
+
+def test_what_the_clusters_preview_drew_is_not_sent_again(page):
+    """A clusters move: the browser drew the text, the bits map, the memory chart and the star
+    from the preview it holds, so the server's event leaves them; any other change sends them,
+    and every figure sent is a new JSON (gradio redraws a plot only when its value changes)."""
+    a, r, state = page.ui.allocation, page.ui.results, page.v["state"]
+    drawn_by_preview = (a.memory_md, r.bits_plot, r.memory_plot, r.pareto_plot)
+    state.drawn = view.Drawn()
+    first = call(page, page.h.allocate, clusters=2)
+    assert all(_sent(first, x) for x in drawn_by_preview)
+    moved = call(page, page.h.allocate, clusters=4)
+    assert not any(_sent(moved, x) for x in drawn_by_preview)
+    assert _sent(moved, r.clusters_df)  # the table is not in the preview: the server sends it
+    # another bit set: the preview on the page was made for other settings, so all is sent
+    other = call(page, page.h.allocate, clusters=4, bits=["2", "4"])
+    assert all(_sent(other, x) for x in drawn_by_preview)
+    # back to the first settings: a figure equal to the one gradio still holds as the bits
+    # plot's value (the preview restyled it), yet a different JSON, so the browser redraws it
+    back = call(page, page.h.allocate, clusters=2)
+    assert back[r.bits_plot].to_json() != first[r.bits_plot].to_json()
+    assert back[r.bits_plot].data[0].z.tolist() == first[r.bits_plot].data[0].z.tolist()
+    # a memory chart whose bars differ from the preview's (the browser would not restyle it)
+    state.drawn.traces["memory_plot"] = ["routed experts"]
+    again = call(page, page.h.allocate, clusters=3)
+    assert _sent(again, r.memory_plot) and not _sent(again, r.bits_plot)
+    call(page, page.h.allocate)
 
 
 def test_the_allocation_follows_a_newly_computed_method(page):

@@ -28,7 +28,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 TIMEOUT_MS = 180_000  # generous for a cold start on a busy machine, but bounded
-LATENCY_GOAL_MS = 150.0  # median slider move -> memory text, on a quiet machine
+LATENCY_GOAL_MS = 150.0  # median slider move -> each of its four redraws, on a quiet machine
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +195,7 @@ ARM = """() => { const root = document.querySelector('#memory-text');
   gd.once('plotly_afterplot', () => {  // the first redraw of the bits map, and what it drew
     window.__figure = performance.now(); window.__z = window.__plainZ(gd); });
   window.__charts = {};  // the first redraw of the memory chart and the Pareto chart
+  window.__reacts = {};
   for (const id of ['memory-plot', 'pareto-plot']) {
     const c = document.querySelector('#' + id + ' .js-plotly-plot');
     c.once('plotly_afterplot', () => { window.__charts[id] = {
@@ -204,6 +205,12 @@ ARM = """() => { const root = document.querySelector('#memory-text');
 PLAIN_Z = """() => { const plain = (a) => Array.from(a._inputArray || a, r =>
     (typeof r === 'object' && r !== null) ? Array.from(r) : r);
   window.__plainZ = (gd) => JSON.stringify(plain(gd.data[0].z));
+  if (!window.__reacts) {  // full redraws (Plotly.react: gradio drawing a figure sent)
+    const P = window.Plotly, react = P.react;
+    P.react = function (gd, ...rest) { const id = (gd.closest('[id]') || {}).id;
+      window.__reacts[id] = (window.__reacts[id] || 0) + 1; return react.call(this, gd, ...rest); };
+  }
+  window.__reacts = {};
   window.__chartState = (id) => { const gd = document.querySelector('#' + id +
     ' .js-plotly-plot'); return JSON.stringify(id === 'memory-plot'
       ? gd.data.map(t => plain(t.x)) : [plain(gd.data[1].x), plain(gd.data[1].y)]); }; }"""
@@ -316,13 +323,16 @@ def test_live_controls_redraw_only_what_changed(browser, app_url):
     assert redrawn == {"#bits-plot": True, "#heatmap": False, "#memory-plot": True}
 
 
+PREVIEWED = ("bits-plot", "memory-plot", "pareto-plot")
+
+
 def test_slider_latency_meets_the_goal(browser, app_url):
-    """A clusters move redraws its memory text and the bits map within the goal (the page's
-    own clock); the memory chart and the Pareto star follow from the same preview (timed and
-    reported in ``latency.json``, not bounded: two more plotly redraws on the page's thread).
+    """A clusters move redraws the memory text, the bits map, the memory chart and the Pareto
+    star within the goal (medians over 7 moves, the page's own clock; ``latency.json``).
 
     All four come from the server's preview of every clusters value, so they need no round
-    trip; the server's event follows, and what it draws must be what the preview drew.
+    trip; the server's event follows, and it must neither change nor redraw what the preview
+    drew (gradio redraws a figure it receives twice, ~250 ms of the page's thread).
     """
     page = _open(browser, app_url)
     _first_view(page)
@@ -344,10 +354,12 @@ def test_slider_latency_meets_the_goal(browser, app_url):
             charts[chart_id].append(first["at"] - start)
         preview = page.evaluate("window.__z")
         changed += preview != before
-        time.sleep(1.5)  # the server's event lands: it draws what the preview drew
+        time.sleep(1.5)  # the server's event lands: it leaves what the preview drew
         assert page.evaluate(DRAWN_Z) == preview
         for chart_id, first in drawn.items():
             assert page.evaluate(CHART_STATE, chart_id) == first["drawn"], chart_id
+        redrawn = page.evaluate("window.__reacts")
+        assert not {k: n for k, n in redrawn.items() if k in PREVIEWED}, redrawn
     load = os.getloadavg()[0]
     medians = {"memory text": statistics.median(moves), "bits map": statistics.median(figures),
                **{k: statistics.median(v) for k, v in charts.items()}}
@@ -357,7 +369,7 @@ def test_slider_latency_meets_the_goal(browser, app_url):
          "figure_ms": figures, "figure_median_ms": medians["bits map"], "charts_ms": charts,
          "medians_ms": medians, "loadavg_1min": load, "cpus": os.cpu_count()}, indent=1))
     assert changed >= 5, "the bits map must change with most clusters moves"
-    for what in ("memory text", "bits map"):
+    for what in medians:
         assert medians[what] <= LATENCY_GOAL_MS, (
             f"{what}: median {medians[what]:.0f} ms over 7 moves (load {load:.1f}): {medians}")
 

@@ -179,7 +179,7 @@ def test_memory_breakdown_in_mb_with_reference():
     assert [t.name for t in fig.data] == ["routed experts", "attention", "lm_head"]  # no "norm"
     experts = fig.data[0]
     assert list(experts.x) == pytest.approx([5.25, 21.0])
-    assert len(experts.y) == 2 and "bf16" in experts.y[1]
+    assert list(experts.y) == ["this model", "bf16<br>33 MB"]  # "this model": in the title
     assert ":.3f} MB" in experts.hovertemplate
     assert "4.00x smaller than bf16" in fig.layout.title.text
     assert fig.layout.barmode == "stack"
@@ -201,8 +201,9 @@ def test_pareto_marks_the_current_point():
     assert list(frontier.x) == [1.0, 1.5, 2.0]  # sorted along memory
     assert "avg bits: 2.00" in frontier.text[0] and "GB: 1.0000" in frontier.text[0]
     assert star.marker.symbol == "star" and (star.x[0], star.y[0]) == (1.5, 0.2)
-    (note,) = fig.layout.annotations
-    assert (note.x, note.y) == (1.5, 0.2) and "current" in note.text
+    assert star.text == ("current: 3.00 bits",) and "markers+text" in star.mode
+    assert "avg bits: 3.00" in star.customdata[0] and "%{customdata}" in star.hovertemplate
+    assert not fig.layout.annotations  # the label is the star's own (one restyle moves both)
     assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
 
 

@@ -57,7 +57,10 @@ def _memory_parts(breakdown: Mapping[str, int], reference: Mapping[str, int] | N
         _check_bytes(reference, "reference")
         rows["bf16"] = reference
     totals = {r: sum(d.values()) / scale for r, d in rows.items()}
-    labels = [f"{r}<br>{t:.3g} {unit}" for r, t in totals.items()]
+    # the row labels stay as they are while the allocation moves (the title has this model's
+    # total), so a live update restyles the bars' sizes only
+    labels = ["this model", *(f"{r}<br>{t:.3g} {unit}" for r, t in totals.items()
+                              if r != "this model")]
     bars = []
     for comp in _component_order(list(dict.fromkeys([k for d in rows.values() for k in d]))):
         mb = [d.get(comp, 0) / scale for d in rows.values()]
@@ -101,8 +104,8 @@ def memory_update(breakdown: Mapping[str, int], *, reference: Mapping[str, int] 
     ``traces``: how many bars the chart must have for the update to apply (JSON-ready).
     """
     bars, title, _ = _memory_parts(breakdown, reference, unit, None)
-    return {"data": {"x": [mb for _, _, mb in bars], "y": [labels for _, labels, _ in bars]},
-            "layout": {"title.text": title}, "traces": len(bars)}
+    return {"data": {"x": [mb for _, _, mb in bars]}, "layout": {"title.text": title},
+            "traces": len(bars)}
 
 
 def _points_hover(p: Mapping[str, float], unit: str = "GB") -> str:
@@ -126,7 +129,7 @@ def pareto_curve(points: list[dict], *, current: dict | None = None, x: str = "g
 
     Args:
         points: frontier points, e.g. ``{"avg_bits": 3.2, "gb": 1.1, "predicted_loss": 0.05}``.
-        current: the chosen allocation (same keys), drawn as a star with an annotation.
+        current: the chosen allocation (same keys), drawn as a star labelled with it.
         x: key plotted on the x axis (``gb`` is drawn in ``unit``).
         y: key plotted on the y axis.
         unit: "MB" or "GB", for ``x="gb"``.
@@ -144,14 +147,15 @@ def pareto_curve(points: list[dict], *, current: dict | None = None, x: str = "g
                                mode="lines+markers", text=[_points_hover(p, unit) for p in pts],
                                hovertemplate="%{text}<extra>frontier</extra>"))
     if current is not None:
-        cx, cy, hover = _current_parts(current, key, y, unit)
-        fig.add_scatter(x=[cx], y=[cy], name="current", mode="markers",
+        cx, cy, hover, label = _current_parts(current, key, y, unit)
+        # the label is the trace's own text (not a layout annotation), so that a live move
+        # of the star is one restyle of this trace
+        fig.add_scatter(x=[cx], y=[cy], name="current", mode="markers+text",
                         marker={"symbol": "star", "size": 18, "color": "#d62728",
                                 "line": {"width": 1, "color": "black"}},
-                        text=[hover], hovertemplate="%{text}<extra>current</extra>")
-        fig.add_annotation(x=cx, y=cy, text="current<br>" + hover,
-                           showarrow=True, arrowhead=2, ax=0, ay=-60, align="left",
-                           bgcolor="rgba(255,255,255,0.85)", bordercolor="#888")
+                        text=[label], textposition="top center", customdata=[hover],
+                        textfont={"size": 12}, cliponaxis=False,
+                        hovertemplate="%{customdata}<extra>current</extra>")
     xtitle = f"weights ({unit})" if x == "gb" else AXIS_TITLES.get(x, x)
     ytitle = AXIS_TITLES.get(y, y)
     fig.update_xaxes(title_text=xtitle)
@@ -165,22 +169,24 @@ def pareto_curve(points: list[dict], *, current: dict | None = None, x: str = "g
     return _finish(fig, title=title, height=380)
 
 
-def _current_parts(current: Mapping, key: str, y: str, unit: str) -> tuple[float, float, str]:
+def _current_parts(current: Mapping, key: str, y: str,
+                   unit: str) -> tuple[float, float, str, str]:
+    """The star's position, its hover and its label (``current: <avg bits> bits``)."""
     cur = _sized(current, unit)
-    return cur[key], cur[y], _points_hover(cur, unit)
+    label = "current" + (f": {cur['avg_bits']:.2f} bits" if "avg_bits" in cur else "")
+    return cur[key], cur[y], _points_hover(cur, unit), label
 
 
 def pareto_update(current: dict, *, x: str = "gb", y: str = "predicted_loss",
                   unit: str = "GB") -> dict:
-    """``Plotly.update`` arguments that move a drawn ``pareto_curve``'s current point.
+    """``Plotly.restyle`` arguments that move a drawn ``pareto_curve``'s current point.
 
-    The frontier does not move with the clusters; the star (trace 1) and its note do.
+    The frontier does not move with the clusters; the star (trace 1) and its label do.
     """
     _require_keys([current], (x, y), "current")
-    cx, cy, hover = _current_parts(current, "size" if x == "gb" else x, y, unit)
-    return {"data": {"x": [[cx]], "y": [[cy]], "text": [[hover]]},
-            "layout": {"annotations[0].x": cx, "annotations[0].y": cy,
-                       "annotations[0].text": "current<br>" + hover}, "trace": 1}
+    cx, cy, hover, label = _current_parts(current, "size" if x == "gb" else x, y, unit)
+    return {"data": {"x": [[cx]], "y": [[cy]], "text": [[label]], "customdata": [[hover]]},
+            "trace": 1}
 
 
 def _single_point_view(fig: go.Figure, x0: float, y0: float) -> None:
