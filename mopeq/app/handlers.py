@@ -172,8 +172,13 @@ class Handlers:
     @readable_errors
     def allocate(self, state, score_source, alloc_method, clusters, bits, scope, log_scores,
                  target_bits, uniform_bits, group_size, base_bits, snap, seed, probes,
-                 closed_form, view_method, view_kind, projection, log_view) -> dict:
-        """Live: bits, clusters, memory, badge, Pareto and the heatmap's bits."""
+                 closed_form, view_method, view_kind, projection, log_view,
+                 preview_drawn: str = "") -> dict:
+        """Live: bits, clusters, memory, badge, Pareto and the heatmap's bits.
+
+        ``preview_drawn``: what the page drew itself at its last clusters move (``"C name
+        ..."``, ``wiring.CHARTS_JS``); those outputs are not sent again.
+        """
         if state.key is None:  # the first load failed: nothing to allocate for
             return self._skipped(ALLOC_OUT)
         entry = self._entry(state)
@@ -184,7 +189,8 @@ class Handlers:
         judge = self._scores(state, entry, view.judge_method(score_source, settings.method),
                              probes, closed_form)
         alloc = state.allocation = st.allocate(entry, score, settings, judge=judge)
-        return {**page.alloc_outputs(self.ui, state, entry, alloc, score, judge, settings),
+        return {**page.alloc_outputs(self.ui, state, entry, alloc, score, judge, settings,
+                                     preview_drawn),
                 **self._heatmap(state, entry, view_method, view_kind, projection, log_view,
                                 probes, closed_form)}
 

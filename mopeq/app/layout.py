@@ -89,6 +89,7 @@ class AllocationPanel:
     base_bits: gr.Dropdown
     seed: gr.Number
     memory_preview: gr.JSON  # hidden: the memory text at every clusters value (page.previews)
+    preview_drawn: gr.Textbox  # hidden: what the page drew itself at a clusters move (CHARTS_JS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -270,9 +271,10 @@ def allocation_panel() -> AllocationPanel:
         seed = gr.Number(value=defaults.SEED, precision=0, label="Seed", min_width=80,
                          elem_id="seed")
     memory_preview = gr.JSON(visible=False)
+    preview_drawn = gr.Textbox(visible=False)
     return AllocationPanel(memory_md, deploy_md, score_source, alloc_method, snap, clusters,
                            target_bits, uniform_bits, bits, scope, log_scores, group_size,
-                           base_bits, seed, memory_preview)
+                           base_bits, seed, memory_preview, preview_drawn)
 
 
 def allocation_results() -> AllocationResults:

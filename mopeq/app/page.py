@@ -32,12 +32,14 @@ def _send(state: st.SessionState, name: str, key: str, build):
 
 
 def alloc_outputs(ui: Page, state: st.SessionState, entry: st.ModelEntry,
-                  alloc, score, judge, settings: st.AllocSettings) -> dict:
+                  alloc, score, judge, settings: st.AllocSettings,
+                  preview_drawn: str = "") -> dict:
     """The allocation panel's outputs (bits map, clusters, memory, badge, breakdown, Pareto).
 
-    After a clusters move the browser has already drawn the memory text, the bits map, the
-    memory chart and the Pareto star from the preview it holds (``wiring.PREVIEW_JS``); those
-    are not sent again (each would be redrawn twice by gradio, ~250 ms of the page's thread).
+    After a clusters move the browser has already drawn (some of) the memory text, the bits
+    map, the memory chart and the Pareto star from the preview it holds; it says which in
+    ``preview_drawn`` (``wiring.CHARTS_JS``), and those are not sent again (gradio would redraw
+    each figure twice, ~250 ms of the page's thread).
     """
     from mopeq.app import figures as plots
 
@@ -50,13 +52,13 @@ def alloc_outputs(ui: Page, state: st.SessionState, entry: st.ModelEntry,
     fp, a, r, drawn = view.fingerprint, ui.allocation, ui.results, state.drawn
     preview_key = fp(score.scores, score.method, judge.method, u,
                      dataclasses.replace(settings, clusters=0))
-    by_preview = _previewed(drawn, preview_key, settings)
+    by_preview = _previewed(drawn, preview_key, settings, preview_drawn)
 
     def send(name: str, key: str, build):
         if name in by_preview:
             drawn.shown(name, key)
             return gr.skip()
-        return _send(state, name, key, lambda: drawn.stamp(name, build()))
+        return _send(state, name, key, lambda: drawn.stamp(build()))
 
     return {
         a.memory_md: send("memory_md", note, lambda: note),
@@ -83,23 +85,22 @@ def _held(drawn: view.Drawn, preview: dict) -> dict:
     return preview
 
 
-def _previewed(drawn: view.Drawn, preview_key: str, settings: st.AllocSettings) -> set[str]:
-    """The outputs the browser drew itself for ``settings.clusters`` from the preview it holds.
+PREVIEWED = frozenset({"memory_md", "bits_plot", "memory_plot", "pareto_plot"})
 
-    Only when that preview was made for these settings (all but the clusters) and each chart
-    on the page has what ``PREVIEW_JS``/``CHARTS_JS`` check before they draw.
+
+def _previewed(drawn: view.Drawn, preview_key: str, settings: st.AllocSettings,
+               preview_drawn: str) -> set[str]:
+    """The outputs the page drew itself for ``settings.clusters`` (as it reports them).
+
+    Only when the report is for this clusters value and the preview the page holds was made
+    for these settings (all but the clusters): a report left from an earlier move, for other
+    settings, or for another value sends everything.
     """
-    entry = drawn.preview.get(str(settings.clusters)) if (
-        drawn.keys.get("memory_preview") == preview_key) else None
-    if not entry:
+    parts = (preview_drawn or "").split()
+    if (not parts or parts[0] != str(settings.clusters)
+            or drawn.keys.get("memory_preview") != preview_key or parts[0] not in drawn.preview):
         return set()
-    done = {"memory_md", "bits_plot"} if "bits_plot" in drawn.traces else {"memory_md"}
-    if len(drawn.traces.get("memory_plot", ())) == entry["memory_chart"]["traces"]:
-        done.add("memory_plot")
-    star = entry.get("pareto", {}).get("trace")
-    if star is not None and drawn.traces.get("pareto_plot", [])[star:star + 1] == ["current"]:
-        done.add("pareto_plot")
-    return done
+    return set(parts[1:]) & PREVIEWED
 
 
 def memory_note(alloc, score, settings) -> str:

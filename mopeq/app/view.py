@@ -181,19 +181,17 @@ class Drawn:
     def __init__(self):
         self.keys: dict[str, str] = {}
         self.preview: dict = {}
-        self.traces: dict[str, list[str]] = {}  # each drawn figure's trace names
         self.sent = 0
 
     def shown(self, name: str, key: str) -> None:
         """The browser shows ``key`` in ``name`` without the server having sent it."""
         self.keys[name] = key
 
-    def stamp(self, name: str, figure):
-        """A plotly ``figure`` numbered in ``layout.meta``, its traces kept (others as given)."""
+    def stamp(self, figure):
+        """A plotly ``figure`` numbered in ``layout.meta`` (anything else as given)."""
         if hasattr(figure, "update_layout"):
             self.sent += 1
             figure.update_layout(meta={"sent": self.sent})
-            self.traces[name] = [t.name for t in figure.data]
         return figure
 
     def changed(self, name: str, key: str) -> bool:

@@ -74,9 +74,10 @@ def _wire_sensitivity(ui: Page, h: Handlers, c: controls.Controls) -> None:
 # page-only listeners that gradio runs one after the other, before it sends the server event:
 # the bits map restyled and the memory text (PREVIEW_JS), then the memory chart's bars and the
 # Pareto star (CHARTS_JS), each only where the drawn chart has the traces the preview was made
-# for. Data-only restyles cost ~20-40 ms each; a chart deferred to a later task (setTimeout,
-# requestAnimationFrame) waited ~40 ms more behind gradio's own work for the server event
-# (README, "Slider latency").
+# for. CHARTS_JS writes what the page drew into a hidden box that the server's event reads,
+# so that it does not send those outputs again (page.alloc_outputs). Data-only restyles cost
+# ~20-40 ms each; a chart deferred to a later task (setTimeout, requestAnimationFrame) waited
+# ~40 ms more behind gradio's own work for the server event (README, "Allocation and memory").
 PREVIEW_JS = """(c, preview, current) => {
   const p = preview && preview[String(Math.round(c))];
   if (!p) return current;
@@ -85,16 +86,22 @@ PREVIEW_JS = """(c, preview, current) => {
   return p.memory;
 }"""
 CHARTS_JS = """(c, preview) => {
-  const p = preview && preview[String(Math.round(c))];
-  if (!p || !window.Plotly) return [];
+  const key = String(Math.round(c)), p = preview && preview[key];
+  if (!p) return '';
   const plot = (id) => document.querySelector('#' + id + ' .js-plotly-plot');
-  const P = window.Plotly, mem = plot('memory-plot'),
+  const P = window.Plotly, bits = plot('bits-plot'), mem = plot('memory-plot'),
         front = plot('pareto-plot'), m = p.memory_chart, f = p.pareto;
-  if (m && mem && mem.data && mem.data.length === m.traces)
+  const drawn = [key, 'memory_md'];  // what the server's event need not send (alloc_outputs)
+  if (!P) return drawn.join(' ');
+  if (p.bits && bits && bits.data) drawn.push('bits_plot');  // restyled by PREVIEW_JS
+  if (m && mem && mem.data && mem.data.length === m.traces) {
     P.update(mem, m.data, m.layout, [...Array(m.traces).keys()]);
+    drawn.push('memory_plot'); }
   if (f && front && front.data && front.data.length > f.trace &&
-      front.data[f.trace].name === 'current') P.restyle(front, f.data, [f.trace]);
-  return [];
+      front.data[f.trace].name === 'current') {
+    P.restyle(front, f.data, [f.trace]);
+    drawn.push('pareto_plot'); }
+  return drawn.join(' ');
 }"""
 
 
@@ -103,7 +110,7 @@ def _wire_allocation(ui: Page, h: Handlers, c: controls.Controls) -> None:
     a.clusters.change(None, [a.clusters, a.memory_preview, a.memory_md], a.memory_md,
                       js=PREVIEW_JS, show_progress="hidden", trigger_mode="multiple",
                       **private("clusters_preview"))
-    a.clusters.change(None, [a.clusters, a.memory_preview], None, js=CHARTS_JS,
+    a.clusters.change(None, [a.clusters, a.memory_preview], a.preview_drawn, js=CHARTS_JS,
                       show_progress="hidden", trigger_mode="multiple",
                       **private("clusters_charts"))
     for control in (a.score_source, a.alloc_method, a.clusters, a.bits, a.scope, a.log_scores,

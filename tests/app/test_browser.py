@@ -374,6 +374,26 @@ def test_slider_latency_meets_the_goal(browser, app_url):
             f"{what}: median {medians[what]:.0f} ms over 7 moves (load {load:.1f}): {medians}")
 
 
+def test_a_chart_the_preview_could_not_draw_is_sent_by_the_server(browser, app_url):
+    """The page reports what it drew at a clusters move; what it could not draw (here a
+    memory chart that lost a trace) the server's event sends, and only that."""
+    page = _open(browser, app_url)
+    _first_view(page)
+    page.evaluate(PLAIN_Z)
+    chart = "document.querySelector('#memory-plot .js-plotly-plot')"
+    traces = page.evaluate(f"() => {chart}.data.length")
+    page.evaluate(f"() => window.Plotly.deleteTraces({chart}, [0])")
+    page.evaluate("() => { window.__reacts = {}; }")
+    slider = page.locator("#clusters input[type=range]")
+    slider.focus()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function(f"() => {chart}.data.length === {traces}")
+    time.sleep(1.0)
+    reacts = page.evaluate("window.__reacts")
+    assert reacts.get("memory-plot") and not reacts.get("bits-plot"), reacts
+    assert not reacts.get("pareto-plot"), reacts
+
+
 def _pairs(page, n: int) -> None:
     box = page.locator("#pairs input[type=number]")
     box.fill(str(n))
