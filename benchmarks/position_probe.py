@@ -2,7 +2,7 @@
 
     python benchmarks/position_probe.py --out DIR [--steps 1000] [--lr 1e-3]
                                         [--position-weight 5] [--relation-captions]
-                                        [--caption-weight 0.5]
+                                        [--caption-weight 0.5] [--absolute-questions 0.5]
 
 Takes the shipped model with its outlier channels undone (the trained weights, bit for bit),
 adds one warmup-stable-decay phase (warmup 50, the last half decaying) that draws ``position``
@@ -11,7 +11,10 @@ theirs, 0.8-2.2), and prints the
 validation curve (``eval_split(40, seed=1)``: 40 images per category) every 200 steps. With
 ``--relation-captions`` each ``position`` image's caption starts with the relation its "Yes"
 question states ("red circle left of blue square ."), so the relation is also a generation
-target. Writes only under ``--out`` (never ``assets/``); the result is not the shipped model.
+target. With ``--absolute-questions F`` a fraction F of the ``position`` training images asks
+instead where the first named object is in the image ("Is the red circle left in the image?"
+/ "... right ..."; or top / bottom): a question with a first-order answer, as a step towards
+the relation. Writes only under ``--out`` (never ``assets/``); the result is not the shipped model.
 This is how the attempts in the README ("Where it stands") were run.
 """
 
@@ -34,6 +37,19 @@ def relation_caption(sample):
     return dataclasses.replace(sample, caption=f"{relation} . {sample.caption}")
 
 
+def absolute_question(sample, index: int):
+    """``sample`` asked where its first object is (the half of the image along one axis)."""
+    a = sample.scene.objects[0]
+    name = f"{a.color} {a.shape}"
+    halves = ("left", "right", "col") if index % 2 == 0 else ("top", "bottom", "row")
+    true = halves[0] if getattr(a, halves[2]) < 2 else halves[1]
+    false = halves[1] if true == halves[0] else halves[0]
+    cls = type(sample.questions[0])
+    return dataclasses.replace(sample, questions=(
+        cls(f"Is the {name} {true} in the image?", "Yes"),
+        cls(f"Is the {name} {false} in the image?", "No")))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -42,6 +58,7 @@ def main() -> None:
     p.add_argument("--position-weight", type=float, default=5.0)
     p.add_argument("--relation-captions", action="store_true")
     p.add_argument("--caption-weight", type=float, default=0.5)
+    p.add_argument("--absolute-questions", type=float, default=0.0)
     args = p.parse_args()
     out = Path(args.out).resolve()
     assets = Path(__file__).resolve().parent.parent / "assets"
@@ -60,14 +77,19 @@ def main() -> None:
     outliers.spread_channels(model.language_model, gains["exponents"], gains["seed"], undo=True)
     model.config.channel_gains = None
     save(model.eval(), processor, trained)
-    if args.relation_captions:  # the training stream's position images, captioned anew
+    if args.relation_captions or args.absolute_questions:  # the position images, anew
         stream = synthetic.train_stream
 
-        def relations(*a, **k):
-            for sample in stream(*a, **k):
-                yield relation_caption(sample) if sample.category == "position" else sample
+        def changed(*a, **k):
+            for index, sample in enumerate(stream(*a, **k)):
+                if sample.category == "position":
+                    if (index * 0.6180339887) % 1.0 < args.absolute_questions:
+                        sample = absolute_question(sample, index)
+                    elif args.relation_captions:
+                        sample = relation_caption(sample)
+                yield sample
 
-        training.synthetic.train_stream = relations
+        training.synthetic.train_stream = changed
     weights = dict(DEFAULT_PHASES[0].weights)
     weights["position"] = args.position_weight
     phase = Phase(steps=args.steps, lr=args.lr, warmup=50, decay_fraction=0.5, stream_seed=2,
