@@ -73,7 +73,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from mopeq.embedded import outliers, synthetic, training
-    from mopeq.embedded.tiny import DEFAULT_PHASES, Phase, TinyRecipe, load, save
+    from mopeq.embedded.tiny import DEFAULT_PHASES, VALIDATION_SEED, Phase, TinyRecipe, load, save
     from mopeq.model.loading import EMBEDDED_DIR
 
     trained = out / "trained"
@@ -118,6 +118,15 @@ def main() -> None:
 
     training.train(out / "model", recipe, init_from=trained, start_phase=1, eval_every=200,
                    eval_pairs=40, on_progress=progress)
+    from mopeq.evaluation.adapters import TinyVLMAdapter
+    from mopeq.evaluation.evaluate import evaluate_samples
+
+    model, processor = load(out / "model")  # as saved (bf16), with 95 % intervals
+    result = evaluate_samples(TinyVLMAdapter(model.eval(), processor),
+                              synthetic.eval_split(40, seed=VALIDATION_SEED))
+    pos = result.per_category["position"]
+    print(f"saved model: total {result.score:.0f} {[round(x) for x in result.score_ci95]}, "
+          f"position {pos['score']:.0f} {[round(x) for x in pos['ci95']]}")
 
 
 if __name__ == "__main__":
