@@ -64,6 +64,10 @@ def main() -> None:
     p.add_argument("--caption-weight", type=float, default=0.5)
     p.add_argument("--absolute-questions", type=float, default=0.0)
     p.add_argument("--position-code", type=float, default=0.0)
+    p.add_argument("--relation-weight", type=float, default=0.0)
+    p.add_argument("--relation-layer", type=int, default=3)
+    p.add_argument("--object-weight", type=float, default=0.0)
+    p.add_argument("--object-layer", type=int, default=2)
     args = p.parse_args()
     out = Path(args.out).resolve()
     assets = Path(__file__).resolve().parent.parent / "assets"
@@ -105,7 +109,9 @@ def main() -> None:
     weights["position"] = args.position_weight
     phase = Phase(steps=args.steps, lr=args.lr, warmup=50, decay_fraction=0.5, stream_seed=2,
                   weights=tuple(weights.items()))
-    recipe = TinyRecipe(phases=(DEFAULT_PHASES[0], phase), caption_weight=args.caption_weight)
+    recipe = TinyRecipe(phases=(DEFAULT_PHASES[0], phase), caption_weight=args.caption_weight,
+                        relation_weight=args.relation_weight, relation_layer=args.relation_layer,
+                        object_weight=args.object_weight, object_layer=args.object_layer)
     start = time.time()
 
     def progress(step, message):
@@ -114,7 +120,10 @@ def main() -> None:
             cats = point["per_category"]
             print(f"{time.time() - start:6.0f} s  step {point['step']:5d}  total "
                   f"{point['score']:.0f}  position {cats['position']:.0f}  count "
-                  f"{cats['count']:.0f}  landmark {cats['landmark']:.0f}", flush=True)
+                  f"{cats['count']:.0f}  landmark {cats['landmark']:.0f}"
+                  + (f"  relation loss {point['relation']:.3f}  cells loss {point['cells']:.3f}"
+                     if "relation" in point else ""),
+                  flush=True)
 
     training.train(out / "model", recipe, init_from=trained, start_phase=1, eval_every=200,
                    eval_pairs=40, on_progress=progress)

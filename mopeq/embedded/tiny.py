@@ -262,6 +262,12 @@ class TinyRecipe:
     caption_weight: float = 0.5
     aux_weight: float = 1.0
     router_aux_weight: float = 0.01
+    # training-only probes of ``position`` questions (embedded.training.position_heads): the
+    # relation at the answer token, each named object's cell at its name; 0 leaves one out
+    relation_weight: float = 0.0
+    relation_layer: int = 3  # which hidden state each reads (0: embeddings)
+    object_weight: float = 0.0
+    object_layer: int = 2
     hidden_size: int = 128
     num_layers: int = 4
     num_experts: int = 16

@@ -77,6 +77,74 @@ def _training_batch(samples, processor: TinyVLMProcessor) -> dict:
             "image_index": torch.tensor(image_index), "is_caption": is_caption}
 
 
+def _relation_targets(samples) -> torch.Tensor:
+    """Per question row: whether its first object comes first along the asked axis (1/0/-1).
+
+    The axis is the column for left/right, the row for above/below; -1 marks a question that
+    is not a relation. The answer to a ``position`` question is this fact XOR the relation
+    word; as its own target (``TinyRecipe.relation_weight``) it gives the fact a first-order
+    signal.
+    """
+    targets = []
+    for s in samples:
+        for q in s.questions:
+            words = set(q.text.rstrip("?").lower().split())
+            relation = next((r for r in scenes.RELATIONS if r in words), None)
+            if s.category != "position" or relation is None or len(s.scene.objects) < 2:
+                targets.append(-1)
+                continue
+            axis = scenes.RELATIONS[relation][0]
+            a, b = s.scene.objects[0], s.scene.objects[1]
+            targets.append(int(getattr(a, axis) < getattr(b, axis)))
+    return torch.tensor(targets, dtype=torch.long)
+
+
+def _object_targets(samples, batch: dict, processor: TinyVLMProcessor) -> tuple:
+    """Each ``position`` question's two objects: (row, token, cell) tensors, one per object.
+
+    The token is where the object's shape is named after the image; cells are row-major.
+    """
+    tok = processor.tokenizer
+    rows, at, cells = [], [], []
+    question_rows = (~batch["is_caption"]).nonzero().squeeze(1).tolist()
+    k = 0
+    for s in samples:
+        for _q in s.questions:
+            row = question_rows[k]
+            k += 1
+            if s.category != "position" or len(s.scene.objects) < 2:
+                continue
+            ids = batch["input_ids"][row].tolist()
+            i = max(j for j, t in enumerate(ids) if t == processor.image_id)
+            for obj in s.scene.objects[:2]:
+                i = ids.index(tok.convert_tokens_to_ids(obj.shape), i + 1)
+                rows.append(row)
+                at.append(i)
+                cells.append(obj.row * scenes.GRID + obj.col)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(at, dtype=torch.long), \
+        torch.tensor(cells, dtype=torch.long)
+
+
+def position_heads(recipe: TinyRecipe) -> torch.nn.ModuleDict | None:
+    """Training-only probes for ``position`` questions (not saved with the model).
+
+    ``relation`` reads, at the answer token, whether the first object comes first along the
+    asked axis; ``cells`` reads, at each object's name after the image, which cell it is in.
+    Each is a first-order target for one step of what the answer needs (find each object,
+    compare, then flip by the question's word). Their inputs are normalised first: the
+    residual stream is not (norms of 30-160 in the trained model).
+    """
+    if not (recipe.relation_weight or recipe.object_weight):
+        return None
+    torch.manual_seed(recipe.seed + 7)
+    h = recipe.hidden_size
+
+    def probe(n):
+        return torch.nn.Sequential(torch.nn.LayerNorm(h), torch.nn.Linear(h, n))
+
+    return torch.nn.ModuleDict({"relation": probe(2), "cells": probe(scenes.GRID ** 2)})
+
+
 def _router_balance_loss(router_logits: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
     """Switch-style load-balancing loss, averaged over MoE layers."""
     total = 0.0
@@ -96,8 +164,12 @@ def _lr_factor(step: int, phase: Phase) -> float:
     return max(0.0, (phase.steps - step) / max(phase.steps - decay_start, 1))
 
 
-def training_step(model: TinyMoEVLM, processor, samples, recipe: TinyRecipe) -> dict:
-    """Loss of one batch: answers + weighted captions + vision auxiliaries + router balance."""
+def training_step(model: TinyMoEVLM, processor, samples, recipe: TinyRecipe,
+                  heads: torch.nn.ModuleDict | None = None) -> dict:
+    """Loss of one batch: answers + weighted captions + vision auxiliaries + router balance.
+
+    With ``heads`` (``position_heads``), also their probes of ``position`` questions.
+    """
     batch = _training_batch(samples, processor)
     images = pixel_values([s.image for s in samples])
     feats = model.vision_tower(images)
@@ -107,7 +179,7 @@ def training_step(model: TinyMoEVLM, processor, samples, recipe: TinyRecipe) -> 
     mask = batch["input_ids"] == model.config.image_token_id
     embeds = embeds.masked_scatter(mask.unsqueeze(-1), per_row.reshape(-1, per_row.shape[-1]))
     out = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                               output_router_logits=True)
+                               output_router_logits=True, output_hidden_states=heads is not None)
     logits = out.logits[:, :-1]
     labels = batch["labels"][:, 1:]
     caption_pos = labels == -200
@@ -126,9 +198,32 @@ def training_step(model: TinyMoEVLM, processor, samples, recipe: TinyRecipe) -> 
     balance = _router_balance_loss(out.router_logits, recipe.top_k)
     loss = (answer_loss + recipe.caption_weight * caption_loss + recipe.aux_weight * aux
             + recipe.router_aux_weight * balance)
-    return {"loss": loss, "answer": answer_loss.detach(), "caption": caption_loss.detach(),
-            "aux": aux.detach(), "balance": balance.detach()}
+    losses = {"answer": answer_loss.detach(), "caption": caption_loss.detach(),
+              "aux": aux.detach(), "balance": balance.detach()}
+    if heads is not None:
+        extra = _position_losses(out, batch, samples, processor, recipe, heads)
+        loss = loss + recipe.relation_weight * extra["relation"] + recipe.object_weight * extra[
+            "cells"]
+        losses.update({k: v.detach() for k, v in extra.items()})
+    return {"loss": loss, **losses}
 
+
+def _position_losses(out, batch, samples, processor, recipe, heads) -> dict:
+    """Cross-entropies of the ``position_heads`` on this batch (0 without position images)."""
+    zero = out.logits.sum() * 0
+    losses = {"relation": zero, "cells": zero}
+    targets = _relation_targets(samples)
+    keep = targets >= 0
+    if not keep.any():
+        return losses
+    rows = (~batch["is_caption"]).nonzero().squeeze(1)[keep]
+    answer_at = (batch["input_ids"][rows] == processor.answer_id).int().argmax(1)
+    hidden = out.hidden_states[recipe.relation_layer][rows, answer_at]
+    losses["relation"] = F.cross_entropy(heads["relation"](hidden), targets[keep])
+    rows, at, cells = _object_targets(samples, batch, processor)
+    hidden = out.hidden_states[recipe.object_layer][rows, at]
+    losses["cells"] = F.cross_entropy(heads["cells"](hidden), cells)
+    return losses
 
 
 def train(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), minutes: float | None = None,
@@ -161,7 +256,8 @@ def train(out_dir: str | Path, recipe: TinyRecipe = TinyRecipe(), minutes: float
     quick = synthetic.eval_split(eval_pairs, seed=VALIDATION_SEED)
     ctx = {"processor": processor, "quick": quick, "eval_every": eval_every, "log": log,
            "on_progress": on_progress, "minutes": minutes, "out_dir": Path(out_dir),
-           "checkpoint_every": checkpoint_every, "report_every": report_every}
+           "checkpoint_every": checkpoint_every, "report_every": report_every,
+           "heads": position_heads(recipe)}
     if on_progress:
         on_progress(0, f"training {sum(p.numel() for p in model.parameters()):,} parameters, "
                        f"{sum(p.steps for p in recipe.phases[start_phase:])} steps")
@@ -184,7 +280,9 @@ def _run_phase(model: TinyMoEVLM, recipe: TinyRecipe, phase: Phase, index: int, 
         model.config.repeat_question = ctx["processor"].repeat_question = phase.repeat_question
     weights = dict(phase.weights) if phase.weights else None
     stream = synthetic.train_stream(seed=recipe.seed + phase.stream_seed, weights=weights)
-    opt = torch.optim.AdamW(model.parameters(), lr=phase.lr, weight_decay=recipe.weight_decay)
+    heads = ctx["heads"]
+    params = [*model.parameters(), *(heads.parameters() if heads is not None else ())]
+    opt = torch.optim.AdamW(params, lr=phase.lr, weight_decay=recipe.weight_decay)
     last = phase.stop_at or phase.steps
     start = time.perf_counter()
     for step in range(last):
@@ -192,10 +290,10 @@ def _run_phase(model: TinyMoEVLM, recipe: TinyRecipe, phase: Phase, index: int, 
             group["lr"] = phase.lr * _lr_factor(step, phase)
         model.train()
         losses = training_step(model, ctx["processor"],
-                               [next(stream) for _ in range(recipe.batch_images)], recipe)
+                               [next(stream) for _ in range(recipe.batch_images)], recipe, heads)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         elapsed = (time.perf_counter() - start) / 60
         capped = ctx["minutes"] is not None and elapsed > ctx["minutes"]

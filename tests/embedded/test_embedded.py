@@ -120,3 +120,56 @@ def test_a_two_step_training_run_saves_a_loadable_model(tmp_path):
     assert all(np.isfinite(p["loss"]) for p in log["curve"])
     model, _ = tiny.load(tmp_path)
     assert model.config.text_config.num_experts == 4
+
+
+def test_the_relation_target_is_the_fact_the_position_answer_needs():
+    from mopeq.embedded import training
+    from mopeq.embedded.scenes import RELATIONS, relation_holds
+
+    samples = [synthetic.make_sample(0, synthetic.TRAIN_SPLIT, c, i)
+               for c in ("position", "color") for i in range(30)]
+    targets = training._relation_targets(samples).view(len(samples), 2)
+    assert (targets[30:] == -1).all()  # not a relation question
+    for s, row in zip(samples[:30], targets[:30], strict=True):
+        a, b = s.scene.objects[:2]
+        for q, t in zip(s.questions, row.tolist(), strict=True):
+            word = next(r for r in RELATIONS if f" {r} " in f" {q.text.lower()} ")
+            first = RELATIONS[word][1] < 0  # "left"/"above": a comes first when it holds
+            assert (q.answer == "Yes") == relation_holds(a, word, b)
+            assert t == int(relation_holds(a, word, b) == first)
+        assert row[0] == row[1]  # one fact per image, whichever word is asked
+
+
+def test_the_object_targets_point_at_each_named_object_after_the_image():
+    from mopeq.embedded import scenes, training
+
+    samples = [synthetic.make_sample(0, synthetic.TRAIN_SPLIT, c, i)
+               for c in ("position", "count") for i in range(12)]
+    processor = tiny.TinyVLMProcessor(tiny.build_tokenizer(), 16, repeat_question=True)
+    batch = training._training_batch(samples, processor)
+    rows, at, cells = training._object_targets(samples, batch, processor)
+    assert len(rows) == 12 * 2 * 2  # two objects in each of the 24 position questions
+    tok = processor.tokenizer
+    for k, (row, i, cell) in enumerate(zip(rows.tolist(), at.tolist(), cells.tolist(),
+                                           strict=True)):
+        sample = samples[k // 4]
+        obj = sample.scene.objects[k % 2]
+        ids = batch["input_ids"][row].tolist()
+        assert tok.convert_ids_to_tokens(ids[i]) == obj.shape
+        assert tok.convert_ids_to_tokens(ids[i - 1]) == obj.color
+        assert processor.image_id in ids[:i] and processor.image_id not in ids[i:]
+        assert cell == obj.row * scenes.GRID + obj.col
+
+
+def test_the_position_probes_train_and_are_not_saved(tmp_path):
+    from mopeq.embedded import training
+
+    recipe = tiny.TinyRecipe(hidden_size=32, num_layers=2, num_experts=4, expert_ffn=32,
+                             batch_images=4, relation_weight=1.0, relation_layer=1,
+                             object_weight=1.0, object_layer=1, channel_exponents=()).scaled(2)
+    log = training.train(tmp_path, recipe, eval_every=1, eval_pairs=2)
+    assert all(np.isfinite(p["relation"]) and p["relation"] > 0 and p["cells"] > 0
+               for p in log["curve"])
+    model, _ = tiny.load(tmp_path)
+    assert not any("relation" in k or "cells" in k for k in model.state_dict())
+    assert training.position_heads(tiny.TinyRecipe()) is None  # off unless asked for
