@@ -50,12 +50,16 @@ def curve_table(log: dict, maximum: float) -> str:
     if not points:
         return "(no training curve in training_log.json)"
     cats = list(points[0]["per_category"])
-    lines = [f"| step | minutes | total (% of max) | {' | '.join(cats)} |",
-             "|---" * (len(cats) + 3) + "|"]
-    for p in points:
+    probes = [k for k in ("relation", "cells", "gather") if any(k in p for p in points)]
+    extra = f" probe losses: {' / '.join(probes)} |" if probes else ""
+    lines = [f"| phase · step | minutes | total (% of max) | {' | '.join(cats)} |{extra}",
+             "|---" * (len(cats) + 3 + bool(probes)) + "|"]
+    for p in points:  # minutes count from each phase's start
         per = " | ".join(f"{p['per_category'][c]:.0f}" for c in cats)
-        lines.append(f"| {p['step']} | {p['minutes']:.1f} | {p['score']:.0f} "
-                     f"({100 * p['score'] / maximum:.1f} %) | {per} |")
+        losses = " / ".join(f"{p[k]:.2f}" if k in p else "–" for k in probes)
+        lines.append(f"| {p.get('phase', 0)} · {p['step']} | {p['minutes']:.1f} | "
+                     f"{p['score']:.0f} ({100 * p['score'] / maximum:.1f} %) | {per} |"
+                     + (f" {losses} |" if probes else ""))
     return "\n".join(lines)
 
 

@@ -233,22 +233,36 @@ class Phase:
     weights: tuple[tuple[str, float], ...] | None = None  # category emphasis (None: cycle)
     stream_seed: int = 1
     repeat_question: bool | None = None  # switch the prompt format from this phase on
+    # at the phase's start, add position_code x one-hot(row) and x one-hot(column) to the
+    # vision tokens' learned position embedding (rounded to bf16); 0: leave it
+    position_code: float = 0.0
+    # training-only probes of ``position`` questions during this phase, with their loss
+    # weights (embedded.training.position_heads): "relation", "cells", "gather"
+    probes: tuple[tuple[str, float], ...] = ()
 
 
-# One warmup-stable-decay phase with captions and vision auxiliaries, counting and position
-# questions drawn more often (they are learnt last). ``stop_at`` would record, by step count, a
-# phase that a time cap ended early, so that even such a run is reproducible.
+_WEIGHTS = (("existence", 1.0), ("count", 1.2), ("position", 1.5), ("color", 0.8),
+            ("OCR", 1.0), ("landmark", 2.2), ("numerical_calculation", 1.6))
+
+# Phase 0: warmup-stable-decay with captions and vision auxiliaries, counting, position and the
+# catalogue drawn more often (they are learnt last). It leaves ``position`` at chance: the
+# relation of two named objects. Phase 1 teaches it: the vision tokens get a loud row/column
+# code, position images are drawn 5x, and training-only probes give each step of the answer
+# its own target (find each object's cell, gather both at the answer, compare); the probes
+# are not saved. ``stop_at`` would record, by step count, a phase that a time cap ended
+# early, so that even such a run is reproducible.
 DEFAULT_PHASES = (
-    Phase(steps=5000, lr=2e-3, stream_seed=1,
-          weights=(("existence", 1.0), ("count", 1.2), ("position", 1.5), ("color", 0.8),
-                   ("OCR", 1.0), ("landmark", 2.2), ("numerical_calculation", 1.6))),
+    Phase(steps=5000, lr=2e-3, stream_seed=1, weights=_WEIGHTS),
+    Phase(steps=3000, lr=1e-3, warmup=50, decay_fraction=0.5, stream_seed=2,
+          weights=tuple((c, 5.0 if c == "position" else w) for c, w in _WEIGHTS),
+          position_code=8.0, probes=(("relation", 1.0), ("cells", 1.0), ("gather", 1.0))),
 )
 
 
-# Each layer's experts see a quarter of their input channels at 1/4 (layers 1, 2, 3) or 1/8
-# (layer 0) of the others' scale, their weights 4x or 8x larger to match: chosen on the
+# Each layer's experts see a quarter of their input channels at 1/4 (layers 0, 1, 3) or 1/8
+# (layer 2) of the others' scale, their weights 4x or 8x larger to match: chosen on the
 # validation split so that RTN loses what it loses on a real model (README, "The embedded model").
-CHANNEL_EXPONENTS = ((-3, 0, 0, 0), (-2, 0, 0, 0), (-2, 0, 0, 0), (-2, 0, 0, 0))
+CHANNEL_EXPONENTS = ((-2, 0, 0, 0), (-2, 0, 0, 0), (-3, 0, 0, 0), (-2, 0, 0, 0))
 
 
 @dataclass(frozen=True)
@@ -262,12 +276,19 @@ class TinyRecipe:
     caption_weight: float = 0.5
     aux_weight: float = 1.0
     router_aux_weight: float = 0.01
-    # training-only probes of ``position`` questions (embedded.training.position_heads): the
-    # relation at the answer token, each named object's cell at its name; 0 leaves one out
-    relation_weight: float = 0.0
-    relation_layer: int = 3  # which hidden state each reads (0: embeddings)
-    object_weight: float = 0.0
-    object_layer: int = 2
+    # which hidden state each ``Phase.probes`` probe reads (0: the embeddings); None: the
+    # last layer but one for the relation and the gather, the middle one for the cells
+    # (3, 3 and 2 for the shipped 4 layers)
+    relation_layer: int | None = None
+    object_layer: int | None = None
+    gather_layer: int | None = None
+
+    def probe_layers(self) -> tuple[int, int, int]:
+        """The hidden states the relation, cells and gather probes read."""
+        late, middle = max(self.num_layers - 1, 0), self.num_layers // 2
+        return (late if self.relation_layer is None else self.relation_layer,
+                middle if self.object_layer is None else self.object_layer,
+                late if self.gather_layer is None else self.gather_layer)
     hidden_size: int = 128
     num_layers: int = 4
     num_experts: int = 16

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mopeq.core.errors import MopeqError
 from mopeq.embedded import outliers, scenes, synthetic
 from mopeq.embedded.tiny import (
     VALIDATION_SEED,
@@ -125,24 +126,50 @@ def _object_targets(samples, batch: dict, processor: TinyVLMProcessor) -> tuple:
         torch.tensor(cells, dtype=torch.long)
 
 
+PROBES = ("relation", "cells", "gather")
+
+
 def position_heads(recipe: TinyRecipe) -> torch.nn.ModuleDict | None:
     """Training-only probes for ``position`` questions (not saved with the model).
 
     ``relation`` reads, at the answer token, whether the first object comes first along the
-    asked axis; ``cells`` reads, at each object's name after the image, which cell it is in.
-    Each is a first-order target for one step of what the answer needs (find each object,
-    compare, then flip by the question's word). Their inputs are normalised first: the
-    residual stream is not (norms of 30-160 in the trained model).
+    asked axis; ``cells`` reads, at each object's name after the image, which cell it is in;
+    ``gather_a``/``gather_b`` read both cells again at the answer token. Each is a first-order
+    target for one step of what the answer needs (find each object, compare, then flip by the
+    question's word). Their inputs are normalised first: the residual stream is not (norms of
+    30-160 in the trained model). None when no phase uses them; built without touching the
+    global random state, so the phases before them train exactly as without.
     """
-    if not (recipe.relation_weight or recipe.object_weight):
+    if not any(w for p in recipe.phases for _, w in p.probes):
         return None
-    torch.manual_seed(recipe.seed + 7)
-    h = recipe.hidden_size
+    layers = recipe.probe_layers()
+    if not all(0 <= n <= recipe.num_layers for n in layers):
+        raise MopeqError(f"probe layers {layers} must lie within 0..{recipe.num_layers} "
+                         "(the hidden states of a model with that many layers)")
+    h, cells = recipe.hidden_size, scenes.GRID ** 2
 
     def probe(n):
         return torch.nn.Sequential(torch.nn.LayerNorm(h), torch.nn.Linear(h, n))
 
-    return torch.nn.ModuleDict({"relation": probe(2), "cells": probe(scenes.GRID ** 2)})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed + 7)
+        return torch.nn.ModuleDict({"relation": probe(2), "cells": probe(cells),
+                                    "gather_a": probe(cells), "gather_b": probe(cells)})
+
+
+def add_position_code(model: TinyMoEVLM, scale: float) -> None:
+    """Add ``scale`` x one-hot(row) and x one-hot(column) to the vision position embedding.
+
+    Channel ``row`` and channel ``grid + column`` of each cell's entry; rounded to bf16, as a
+    checkpoint holds it. It says which cell a token is in as loudly as its features speak
+    (the trained embedding is ~2.5 in norm against ~19 for the features).
+    """
+    with torch.no_grad():
+        pos, grid = model.vision_tower.pos, model.config.grid
+        for k in range(grid * grid):
+            pos[k, k // grid] += scale
+            pos[k, grid + k % grid] += scale
+        pos.copy_(pos.to(torch.bfloat16).float())
 
 
 def _router_balance_loss(router_logits: Sequence[torch.Tensor], top_k: int) -> torch.Tensor:
@@ -165,11 +192,16 @@ def _lr_factor(step: int, phase: Phase) -> float:
 
 
 def training_step(model: TinyMoEVLM, processor, samples, recipe: TinyRecipe,
-                  heads: torch.nn.ModuleDict | None = None) -> dict:
+                  heads: torch.nn.ModuleDict | None = None,
+                  probe_weights: dict[str, float] | None = None) -> dict:
     """Loss of one batch: answers + weighted captions + vision auxiliaries + router balance.
 
-    With ``heads`` (``position_heads``), also their probes of ``position`` questions.
+    With ``heads`` (``position_heads``) and ``probe_weights`` (``Phase.probes``), also the
+    probes of ``position`` questions.
     """
+    probe_weights = {k: w for k, w in (probe_weights or {}).items() if w}
+    if not probe_weights:
+        heads = None
     batch = _training_batch(samples, processor)
     images = pixel_values([s.image for s in samples])
     feats = model.vision_tower(images)
@@ -201,28 +233,34 @@ def training_step(model: TinyMoEVLM, processor, samples, recipe: TinyRecipe,
     losses = {"answer": answer_loss.detach(), "caption": caption_loss.detach(),
               "aux": aux.detach(), "balance": balance.detach()}
     if heads is not None:
-        extra = _position_losses(out, batch, samples, processor, recipe, heads)
-        loss = loss + recipe.relation_weight * extra["relation"] + recipe.object_weight * extra[
-            "cells"]
+        extra = _position_losses(out, batch, samples, processor, recipe, heads,
+                                 gather="gather" in probe_weights)
+        loss = loss + sum(w * extra[k] for k, w in probe_weights.items())
         losses.update({k: v.detach() for k, v in extra.items()})
     return {"loss": loss, **losses}
 
 
-def _position_losses(out, batch, samples, processor, recipe, heads) -> dict:
+def _position_losses(out, batch, samples, processor, recipe, heads, gather: bool) -> dict:
     """Cross-entropies of the ``position_heads`` on this batch (0 without position images)."""
     zero = out.logits.sum() * 0
-    losses = {"relation": zero, "cells": zero}
+    losses = {"relation": zero, "cells": zero, **({"gather": zero} if gather else {})}
     targets = _relation_targets(samples)
     keep = targets >= 0
     if not keep.any():
         return losses
     rows = (~batch["is_caption"]).nonzero().squeeze(1)[keep]
     answer_at = (batch["input_ids"][rows] == processor.answer_id).int().argmax(1)
-    hidden = out.hidden_states[recipe.relation_layer][rows, answer_at]
+    relation_layer, object_layer, gather_layer = recipe.probe_layers()
+    hidden = out.hidden_states[relation_layer][rows, answer_at]
     losses["relation"] = F.cross_entropy(heads["relation"](hidden), targets[keep])
     rows, at, cells = _object_targets(samples, batch, processor)
-    hidden = out.hidden_states[recipe.object_layer][rows, at]
+    hidden = out.hidden_states[object_layer][rows, at]
     losses["cells"] = F.cross_entropy(heads["cells"](hidden), cells)
+    if gather:  # both objects' cells, read again at the answer token
+        pair = cells.view(-1, 2)
+        hidden = out.hidden_states[gather_layer][rows.view(-1, 2)[:, 0], answer_at]
+        losses["gather"] = (F.cross_entropy(heads["gather_a"](hidden), pair[:, 0])
+                            + F.cross_entropy(heads["gather_b"](hidden), pair[:, 1])) / 2
     return losses
 
 
@@ -280,7 +318,10 @@ def _run_phase(model: TinyMoEVLM, recipe: TinyRecipe, phase: Phase, index: int, 
         model.config.repeat_question = ctx["processor"].repeat_question = phase.repeat_question
     weights = dict(phase.weights) if phase.weights else None
     stream = synthetic.train_stream(seed=recipe.seed + phase.stream_seed, weights=weights)
-    heads = ctx["heads"]
+    if phase.position_code:
+        add_position_code(model, phase.position_code)
+    probe_weights = dict(phase.probes)
+    heads = ctx["heads"] if any(probe_weights.values()) else None
     params = [*model.parameters(), *(heads.parameters() if heads is not None else ())]
     opt = torch.optim.AdamW(params, lr=phase.lr, weight_decay=recipe.weight_decay)
     last = phase.stop_at or phase.steps
@@ -290,7 +331,8 @@ def _run_phase(model: TinyMoEVLM, recipe: TinyRecipe, phase: Phase, index: int, 
             group["lr"] = phase.lr * _lr_factor(step, phase)
         model.train()
         losses = training_step(model, ctx["processor"],
-                               [next(stream) for _ in range(recipe.batch_images)], recipe, heads)
+                               [next(stream) for _ in range(recipe.batch_images)], recipe, heads,
+                               probe_weights)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -300,8 +342,9 @@ def _run_phase(model: TinyMoEVLM, recipe: TinyRecipe, phase: Phase, index: int, 
         if (step + 1) % ctx["eval_every"] == 0 or step + 1 == last or capped:
             _log_point(model, ctx, index, step + 1, elapsed, losses)
         elif ctx["on_progress"] and (step + 1) % ctx["report_every"] == 0:
+            loss = float(losses["loss"].detach())
             ctx["on_progress"](step + 1, f"phase {index} step {step + 1}/{last} "
-                                         f"{elapsed:.1f} min loss {float(losses['loss']):.3f}")
+                                         f"{elapsed:.1f} min loss {loss:.3f}")
         every = ctx["checkpoint_every"]
         if every and (step + 1) % every == 0 and step + 1 != last:
             save(model.eval(), ctx["processor"],

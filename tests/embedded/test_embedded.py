@@ -3,10 +3,13 @@
 Measured on a quick stratified subset of the held-out split (the README's figures use the
 whole split and a second seed's subset). What the issue's bar asks and what these tests check:
 - 16-bit at 70-92 % of the maximum: checked.
-- no category at chance: NOT met for ``position`` (below a coin flip's 75 of 200 on the whole
-  split); checked here is what holds, every category above always-"yes" (50).
+- no category at chance: checked — every category above a coin flip's 75 of 200, and on this
+  small subset every interval but one (count, the weakest) clear of it; ``position``, at
+  chance before the recipe's phase 1, clear of it.
 - uniform RTN on the routed experts: 4-bit loses <= 2 %, 3-bit 3-12 %, 2-bit >= 15 %:
-  checked (on this subset: 3-bit loses significantly but at most 15 %, 2-bit at least 15 %).
+  checked on this subset as 4-bit within 2 % of the maximum, 3-bit a significant loss of at
+  most 15 %, 2-bit at least 15 %. (On the whole split 4-bit loses 2.7 % of the 16-bit score,
+  above the bar: README, "Where it stands".)
 - the answer distribution moves monotonically with bits (KL to 16-bit), and zeroing the
   experts costs a quarter of the maximum, so the experts do the work.
 """
@@ -15,7 +18,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
+from mopeq.core.errors import MopeqError
 from mopeq.embedded import synthetic, tiny
 from mopeq.evaluation.evaluate import compare, run_evaluation
 from mopeq.model.loading import EMBEDDED_DIR, load_model
@@ -69,9 +74,10 @@ def test_sixteen_bit_sits_below_the_ceiling(embedded):
     assert low <= base.score <= high
     assert 0.70 * MAXIMUM <= base.score <= 0.92 * MAXIMUM, base.score
     for cat, v in base.per_category.items():
-        assert v["score"] > ALWAYS_YES, (cat, v)
+        assert v["score"] > CHANCE > ALWAYS_YES, (cat, v)
     above_chance = [c for c, v in base.per_category.items() if v["ci95"][0] > CHANCE]
-    assert len(above_chance) >= len(synthetic.CATEGORIES) - 2, base.per_category
+    assert len(above_chance) >= len(synthetic.CATEGORIES) - 1, base.per_category
+    assert "position" in above_chance, base.per_category["position"]
 
 
 def test_four_bit_is_nearly_free(uniform):
@@ -115,8 +121,11 @@ def test_a_two_step_training_run_saves_a_loadable_model(tmp_path):
 
     recipe = tiny.TinyRecipe(hidden_size=32, num_layers=1, num_experts=4, expert_ffn=32,
                              batch_images=2).scaled(2)
+    assert recipe.probe_layers() == (0, 0, 0)  # the defaults follow the depth
+    assert tiny.TinyRecipe().probe_layers() == (3, 2, 3)  # the shipped model's
+    assert [p.steps for p in recipe.phases] == [1, 1]  # both phases of the recipe, one step
     log = training.train(tmp_path, recipe, eval_every=1, eval_pairs=2)
-    assert [p["step"] for p in log["curve"]] == [1, 2]
+    assert [(p["phase"], p["step"]) for p in log["curve"]] == [(0, 1), (1, 1)]
     assert all(np.isfinite(p["loss"]) for p in log["curve"])
     model, _ = tiny.load(tmp_path)
     assert model.config.text_config.num_experts == 4
@@ -164,12 +173,34 @@ def test_the_object_targets_point_at_each_named_object_after_the_image():
 def test_the_position_probes_train_and_are_not_saved(tmp_path):
     from mopeq.embedded import training
 
-    recipe = tiny.TinyRecipe(hidden_size=32, num_layers=2, num_experts=4, expert_ffn=32,
-                             batch_images=4, relation_weight=1.0, relation_layer=1,
-                             object_weight=1.0, object_layer=1, channel_exponents=()).scaled(2)
+    phase = tiny.Phase(steps=2, lr=1e-3, warmup=1, weights=(("position", 1.0),),
+                       probes=(("relation", 1.0), ("cells", 1.0), ("gather", 1.0)))
+    recipe = tiny.TinyRecipe(phases=(phase,), hidden_size=32, num_layers=2, num_experts=4,
+                             expert_ffn=32, batch_images=4, relation_layer=1, object_layer=1,
+                             gather_layer=2, channel_exponents=())
     log = training.train(tmp_path, recipe, eval_every=1, eval_pairs=2)
-    assert all(np.isfinite(p["relation"]) and p["relation"] > 0 and p["cells"] > 0
+    assert all(np.isfinite(p["relation"]) and min(p["relation"], p["cells"], p["gather"]) > 0
                for p in log["curve"])
     model, _ = tiny.load(tmp_path)
-    assert not any("relation" in k or "cells" in k for k in model.state_dict())
-    assert training.position_heads(tiny.TinyRecipe()) is None  # off unless asked for
+    assert not any(w in k for k in model.state_dict() for w in ("relation", "cells", "gather"))
+    plain = dataclasses.replace(recipe, phases=(dataclasses.replace(phase, probes=()),))
+    assert training.position_heads(plain) is None  # off unless a phase asks for them
+    with pytest.raises(MopeqError, match="probe layers"):
+        training.position_heads(dataclasses.replace(recipe, relation_layer=3))
+
+
+def test_the_position_code_marks_each_cell_once():
+    from mopeq.embedded import training
+
+    recipe = tiny.TinyRecipe(hidden_size=32, num_layers=1, num_experts=4, expert_ffn=32)
+    model, _ = tiny.new_model(recipe)
+    before = model.vision_tower.pos.detach().clone()
+    training.add_position_code(model, 8.0)
+    added = model.vision_tower.pos.detach() - before
+    grid = model.config.grid
+    for k in range(grid * grid):
+        hot = {k // grid, grid + k % grid}
+        assert all(abs(float(added[k, c]) - (8.0 if c in hot else 0.0)) < 0.07
+                   for c in range(added.shape[1]))
+    rounded = model.vision_tower.pos.detach()
+    assert torch.equal(rounded, rounded.to(torch.bfloat16).float())  # as a checkpoint holds it
