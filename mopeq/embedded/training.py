@@ -140,6 +140,9 @@ def position_heads(recipe: TinyRecipe) -> torch.nn.ModuleDict | None:
     30-160 in the trained model). None when no phase uses them; built without touching the
     global random state, so the phases before them train exactly as without.
     """
+    unknown = {k for p in recipe.phases for k, _ in p.probes} - set(PROBES)
+    if unknown:
+        raise MopeqError(f"unknown probes {sorted(unknown)}; a phase can use {list(PROBES)}")
     if not any(w for p in recipe.phases for _, w in p.probes):
         return None
     layers = recipe.probe_layers()

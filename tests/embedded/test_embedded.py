@@ -187,6 +187,9 @@ def test_the_position_probes_train_and_are_not_saved(tmp_path):
     assert training.position_heads(plain) is None  # off unless a phase asks for them
     with pytest.raises(MopeqError, match="probe layers"):
         training.position_heads(dataclasses.replace(recipe, relation_layer=3))
+    typo = dataclasses.replace(phase, probes=(("relatoin", 1.0),))
+    with pytest.raises(MopeqError, match="unknown probes"):
+        training.position_heads(dataclasses.replace(recipe, phases=(typo,)))
 
 
 def test_the_position_code_marks_each_cell_once():
