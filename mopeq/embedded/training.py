@@ -83,7 +83,7 @@ def _relation_targets(samples) -> torch.Tensor:
 
     The axis is the column for left/right, the row for above/below; -1 marks a question that
     is not a relation. The answer to a ``position`` question is this fact XOR the relation
-    word; as its own target (``TinyRecipe.relation_weight``) it gives the fact a first-order
+    word; as its own target (``Phase.probes`` "relation") it gives the fact a first-order
     signal.
     """
     targets = []
