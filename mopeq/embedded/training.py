@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,52 +79,53 @@ def _training_batch(samples, processor: TinyVLMProcessor) -> dict:
             "image_index": torch.tensor(image_index), "is_caption": is_caption}
 
 
-def _relation_targets(samples) -> torch.Tensor:
-    """Per question row: whether its first object comes first along the asked axis (1/0/-1).
+class PositionTargets(NamedTuple):
+    """The probes' targets, one entry per ``position`` question of a batch (aligned).
 
-    The axis is the column for left/right, the row for above/below; -1 marks a question that
-    is not a relation. The answer to a ``position`` question is this fact XOR the relation
-    word; as its own target (``Phase.probes`` "relation") it gives the fact a first-order
-    signal.
+    ``rows``: its row in the batch; ``relation``: whether its first object comes first along
+    the asked axis (1/0); ``at`` (n, 2): where each of its two objects' shape is named after
+    the image; ``cells`` (n, 2): each object's cell, row-major.
     """
-    targets = []
-    for s in samples:
-        for q in s.questions:
-            words = set(q.text.rstrip("?").lower().split())
-            relation = next((r for r in scenes.RELATIONS if r in words), None)
-            if s.category != "position" or relation is None or len(s.scene.objects) < 2:
-                targets.append(-1)
-                continue
-            axis = scenes.RELATIONS[relation][0]
-            a, b = s.scene.objects[0], s.scene.objects[1]
-            targets.append(int(getattr(a, axis) < getattr(b, axis)))
-    return torch.tensor(targets, dtype=torch.long)
+
+    rows: torch.Tensor
+    relation: torch.Tensor
+    at: torch.Tensor
+    cells: torch.Tensor
 
 
-def _object_targets(samples, batch: dict, processor: TinyVLMProcessor) -> tuple:
-    """Each ``position`` question's two objects: (row, token, cell) tensors, one per object.
+def _position_targets(samples, batch: dict, processor: TinyVLMProcessor) -> PositionTargets:
+    """Walk the batch's question rows once; keep the relation questions of two objects.
 
-    The token is where the object's shape is named after the image; cells are row-major.
+    The axis is the column for left/right, the row for above/below. The answer to a
+    ``position`` question is the relation fact XOR the relation word; as its own target
+    (``Phase.probes`` "relation") the fact gets a first-order signal, and each object's cell
+    ("cells", "gather") one for finding it.
     """
     tok = processor.tokenizer
-    rows, at, cells = [], [], []
+    rows, relation, at, cells = [], [], [], []
     question_rows = (~batch["is_caption"]).nonzero().squeeze(1).tolist()
-    k = 0
-    for s in samples:
-        for _q in s.questions:
-            row = question_rows[k]
-            k += 1
-            if s.category != "position" or len(s.scene.objects) < 2:
-                continue
-            ids = batch["input_ids"][row].tolist()
-            i = max(j for j, t in enumerate(ids) if t == processor.image_id)
-            for obj in s.scene.objects[:2]:
-                i = ids.index(tok.convert_tokens_to_ids(obj.shape), i + 1)
-                rows.append(row)
-                at.append(i)
-                cells.append(obj.row * scenes.GRID + obj.col)
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(at, dtype=torch.long), \
-        torch.tensor(cells, dtype=torch.long)
+    questions = [(s, q) for s in samples for q in s.questions]
+    for row, (s, q) in zip(question_rows, questions, strict=True):
+        words = set(q.text.rstrip("?").lower().split())
+        word = next((r for r in scenes.RELATIONS if r in words), None)
+        if s.category != "position" or word is None or len(s.scene.objects) < 2:
+            continue
+        axis = scenes.RELATIONS[word][0]
+        a, b = s.scene.objects[0], s.scene.objects[1]
+        ids = batch["input_ids"][row].tolist()
+        i = max(j for j, t in enumerate(ids) if t == processor.image_id)
+        named = []
+        for obj in (a, b):
+            i = ids.index(tok.convert_tokens_to_ids(obj.shape), i + 1)
+            named.append(i)
+        rows.append(row)
+        relation.append(int(getattr(a, axis) < getattr(b, axis)))
+        at.append(named)
+        cells.append([o.row * scenes.GRID + o.col for o in (a, b)])
+    long = torch.long
+    return PositionTargets(torch.tensor(rows, dtype=long), torch.tensor(relation, dtype=long),
+                           torch.tensor(at, dtype=long).view(-1, 2),
+                           torch.tensor(cells, dtype=long).view(-1, 2))
 
 
 PROBES = ("relation", "cells", "gather")
@@ -247,23 +249,19 @@ def _position_losses(out, batch, samples, processor, recipe, heads, gather: bool
     """Cross-entropies of the ``position_heads`` on this batch (0 without position images)."""
     zero = out.logits.sum() * 0
     losses = {"relation": zero, "cells": zero, **({"gather": zero} if gather else {})}
-    targets = _relation_targets(samples)
-    keep = targets >= 0
-    if not keep.any():
+    t = _position_targets(samples, batch, processor)
+    if not len(t.rows):
         return losses
-    rows = (~batch["is_caption"]).nonzero().squeeze(1)[keep]
-    answer_at = (batch["input_ids"][rows] == processor.answer_id).int().argmax(1)
+    answer_at = (batch["input_ids"][t.rows] == processor.answer_id).int().argmax(1)
     relation_layer, object_layer, gather_layer = recipe.probe_layers()
-    hidden = out.hidden_states[relation_layer][rows, answer_at]
-    losses["relation"] = F.cross_entropy(heads["relation"](hidden), targets[keep])
-    rows, at, cells = _object_targets(samples, batch, processor)
-    hidden = out.hidden_states[object_layer][rows, at]
-    losses["cells"] = F.cross_entropy(heads["cells"](hidden), cells)
+    hidden = out.hidden_states[relation_layer][t.rows, answer_at]
+    losses["relation"] = F.cross_entropy(heads["relation"](hidden), t.relation)
+    hidden = out.hidden_states[object_layer][t.rows.repeat_interleave(2), t.at.flatten()]
+    losses["cells"] = F.cross_entropy(heads["cells"](hidden), t.cells.flatten())
     if gather:  # both objects' cells, read again at the answer token
-        pair = cells.view(-1, 2)
-        hidden = out.hidden_states[gather_layer][rows.view(-1, 2)[:, 0], answer_at]
-        losses["gather"] = (F.cross_entropy(heads["gather_a"](hidden), pair[:, 0])
-                            + F.cross_entropy(heads["gather_b"](hidden), pair[:, 1])) / 2
+        hidden = out.hidden_states[gather_layer][t.rows, answer_at]
+        losses["gather"] = (F.cross_entropy(heads["gather_a"](hidden), t.cells[:, 0])
+                            + F.cross_entropy(heads["gather_b"](hidden), t.cells[:, 1])) / 2
     return losses
 
 

@@ -131,43 +131,49 @@ def test_a_two_step_training_run_saves_a_loadable_model(tmp_path):
     assert model.config.text_config.num_experts == 4
 
 
-def test_the_relation_target_is_the_fact_the_position_answer_needs():
+def _position_batch(categories, n):
     from mopeq.embedded import training
-    from mopeq.embedded.scenes import RELATIONS, relation_holds
 
     samples = [synthetic.make_sample(0, synthetic.TRAIN_SPLIT, c, i)
-               for c in ("position", "color") for i in range(30)]
-    targets = training._relation_targets(samples).view(len(samples), 2)
-    assert (targets[30:] == -1).all()  # not a relation question
-    for s, row in zip(samples[:30], targets[:30], strict=True):
+               for c in categories for i in range(n)]
+    processor = tiny.TinyVLMProcessor(tiny.build_tokenizer(), 16, repeat_question=True)
+    batch = training._training_batch(samples, processor)
+    return samples, processor, batch, training._position_targets(samples, batch, processor)
+
+
+def test_the_relation_target_is_the_fact_the_position_answer_needs():
+    from mopeq.embedded.scenes import RELATIONS, relation_holds
+
+    samples, _, batch, t = _position_batch(("position", "color"), 30)
+    assert len(t.rows) == 60  # both questions of each position image; none of color's
+    question_rows = (~batch["is_caption"]).nonzero().squeeze(1)
+    assert t.rows.tolist() == question_rows[:60].tolist()
+    relation = t.relation.view(30, 2)
+    for s, row in zip(samples[:30], relation, strict=True):
         a, b = s.scene.objects[:2]
-        for q, t in zip(s.questions, row.tolist(), strict=True):
+        for q, target in zip(s.questions, row.tolist(), strict=True):
             word = next(r for r in RELATIONS if f" {r} " in f" {q.text.lower()} ")
             first = RELATIONS[word][1] < 0  # "left"/"above": a comes first when it holds
             assert (q.answer == "Yes") == relation_holds(a, word, b)
-            assert t == int(relation_holds(a, word, b) == first)
+            assert target == int(relation_holds(a, word, b) == first)
         assert row[0] == row[1]  # one fact per image, whichever word is asked
 
 
 def test_the_object_targets_point_at_each_named_object_after_the_image():
-    from mopeq.embedded import scenes, training
+    from mopeq.embedded import scenes
 
-    samples = [synthetic.make_sample(0, synthetic.TRAIN_SPLIT, c, i)
-               for c in ("position", "count") for i in range(12)]
-    processor = tiny.TinyVLMProcessor(tiny.build_tokenizer(), 16, repeat_question=True)
-    batch = training._training_batch(samples, processor)
-    rows, at, cells = training._object_targets(samples, batch, processor)
-    assert len(rows) == 12 * 2 * 2  # two objects in each of the 24 position questions
+    samples, processor, batch, t = _position_batch(("position", "count"), 12)
+    assert t.at.shape == t.cells.shape == (12 * 2, 2)  # the 24 position questions, 2 objects
     tok = processor.tokenizer
-    for k, (row, i, cell) in enumerate(zip(rows.tolist(), at.tolist(), cells.tolist(),
-                                           strict=True)):
-        sample = samples[k // 4]
-        obj = sample.scene.objects[k % 2]
+    for k, (row, places, cells) in enumerate(zip(t.rows.tolist(), t.at.tolist(),
+                                                 t.cells.tolist(), strict=True)):
+        sample = samples[k // 2]
         ids = batch["input_ids"][row].tolist()
-        assert tok.convert_ids_to_tokens(ids[i]) == obj.shape
-        assert tok.convert_ids_to_tokens(ids[i - 1]) == obj.color
-        assert processor.image_id in ids[:i] and processor.image_id not in ids[i:]
-        assert cell == obj.row * scenes.GRID + obj.col
+        for obj, i, cell in zip(sample.scene.objects[:2], places, cells, strict=True):
+            assert tok.convert_ids_to_tokens(ids[i]) == obj.shape
+            assert tok.convert_ids_to_tokens(ids[i - 1]) == obj.color
+            assert processor.image_id in ids[:i] and processor.image_id not in ids[i:]
+            assert cell == obj.row * scenes.GRID + obj.col
 
 
 def test_the_position_probes_train_and_are_not_saved(tmp_path):
