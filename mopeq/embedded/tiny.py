@@ -283,12 +283,6 @@ class TinyRecipe:
     object_layer: int | None = None
     gather_layer: int | None = None
 
-    def probe_layers(self) -> tuple[int, int, int]:
-        """The hidden states the relation, cells and gather probes read."""
-        late, middle = max(self.num_layers - 1, 0), self.num_layers // 2
-        return (late if self.relation_layer is None else self.relation_layer,
-                middle if self.object_layer is None else self.object_layer,
-                late if self.gather_layer is None else self.gather_layer)
     hidden_size: int = 128
     num_layers: int = 4
     num_experts: int = 16
@@ -302,6 +296,13 @@ class TinyRecipe:
     # needs: its shared experts read the same input, and train() refuses before it trains)
     channel_exponents: tuple[tuple[int, ...], ...] = CHANNEL_EXPONENTS
     channel_seed: int = 0
+
+    def probe_layers(self) -> tuple[int, int, int]:
+        """The hidden states the relation, cells and gather probes read."""
+        late, middle = max(self.num_layers - 1, 0), self.num_layers // 2
+        return (late if self.relation_layer is None else self.relation_layer,
+                middle if self.object_layer is None else self.object_layer,
+                late if self.gather_layer is None else self.gather_layer)
 
     def scaled(self, total_steps: int) -> TinyRecipe:
         """The same recipe with every phase shortened in proportion (for quick runs)."""
