@@ -259,10 +259,10 @@ DEFAULT_PHASES = (
 )
 
 
-# Each layer's experts see a quarter of their input channels at 1/4 (layers 0, 1, 3) or 1/8
-# (layer 2) of the others' scale, their weights 4x or 8x larger to match: chosen on the
+# Each layer's experts see a quarter of their input channels at 1/2 (layers 0, 1, 3) or 1/8
+# (layer 2) of the others' scale, their weights 2x or 8x larger to match: chosen on the
 # validation split so that RTN loses what it loses on a real model (README, "The embedded model").
-CHANNEL_EXPONENTS = ((-2, 0, 0, 0), (-2, 0, 0, 0), (-3, 0, 0, 0), (-2, 0, 0, 0))
+CHANNEL_EXPONENTS = ((-1, 0, 0, 0), (-1, 0, 0, 0), (-3, 0, 0, 0), (-1, 0, 0, 0))
 
 
 @dataclass(frozen=True)
