@@ -9,8 +9,8 @@
                                         [--gather-layer 3] [--model DIR]
 
 Takes a model with its outlier channels undone (the trained weights, bit for bit): ``--model``,
-by default the shipped one — which since this release has had phase 1 already; the README's
-attempts started from the previous release's, phase 0 only, which ``git show
+by default the shipped one — which has had phase 1 already; the README's attempts started
+from an earlier release's 1-thread run, phase 0 only, which ``git show
 d3bf81a:assets/tiny-moe-vlm/<file>`` gives back (config.json, model.safetensors and the
 tokenizer files into one folder) — and adds one warmup-stable-decay phase (warmup 50, the
 last half decaying) that draws ``position`` images with weight ``--position-weight`` (the
